@@ -1,0 +1,181 @@
+"""The Klein application, built from the route table.
+
+Each row of ``deltagw.routes.ROUTES`` becomes one Klein route per API prefix
+plus an OPTIONS route for its preflight; errors of every kind are turned into
+the JSON answers of DESIGN §3 in one place (``handle_errors``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+from urllib.parse import quote
+
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+
+from deltagw.config import Settings
+from deltagw.cors import CorsPolicy
+from deltagw.edge import EdgeResource
+from deltagw.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    json_body,
+    write_error,
+)
+from deltagw.headers import forwarded_for, upstream_request_headers
+from deltagw.logs import get_logger
+from deltagw.proxy import Proxy
+from deltagw.routes import ROUTES, Route
+
+_log = get_logger(component="app")
+
+_UNSAFE_PARAM = re.compile(r"[\x00-\x1f\x7f/\\]|^\.{1,2}$|\.\.")
+
+
+def klein_path(template: str) -> str:
+    """``/data/chain/{product}`` in werkzeug's syntax: ``/data/chain/<product>``."""
+    return re.sub(r"{(\w+)}", r"<\1>", template)
+
+
+def upstream_path(route: Route, params: dict[str, str]) -> str:
+    """The upstream path with each parameter percent-encoded.
+
+    Raises:
+        BadRequest: a value that could climb or split the upstream path.
+    """
+    assert route.upstream_path is not None
+    for name, value in params.items():
+        if _UNSAFE_PARAM.search(value):
+            raise BadRequest(f"Invalid path parameter: {name}")
+    return route.upstream_path.format(**{k: quote(v, safe="") for k, v in params.items()})
+
+
+class Gateway:
+    """The gateway's routes; collaborators are passed in so tests can swap them.
+
+    Args:
+        settings: The validated configuration.
+        reactor: Supplies time (``seconds``/``callLater``) and networking.
+        proxy: Forwards requests to upstreams.
+    """
+
+    app = Klein()
+
+    def __init__(self, settings: Settings, reactor: Any, proxy: Proxy) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.proxy = proxy
+        self.cors = CorsPolicy(settings.cors_origins)
+        self._local = {"health": self._health}
+
+    def resource(self) -> IResource:
+        """The root resource to serve: the edge wrapped around the routes."""
+        return EdgeResource(
+            self.app.resource(), self.reactor, self.settings.trusted_proxies, self.cors
+        )
+
+    async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
+        """Run one matched route: answered here, or forwarded upstream."""
+        request.route = route.template
+        if route.service is None:
+            return self._local[route.name](request)
+        url = self._upstream_url(route, request, params)
+        headers = upstream_request_headers(
+            request.requestHeaders,
+            pass_authorization=route.pass_authorization,
+            added=self._forwarding_fields(request),
+        )
+        timeout = self.settings.upstream_timeout(route.service.name)
+        await self.proxy.forward(request, route.service, url, headers, timeout)
+        return None
+
+    def _upstream_url(self, route: Route, request: Any, params: dict[str, str]) -> str:
+        url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
+        _, question, query = request.uri.partition(b"?")
+        if question and query:
+            url += "?" + query.decode("ascii")
+        return url
+
+    def _forwarding_fields(self, request: Any) -> list[tuple[bytes, bytes]]:
+        peer = getattr(request.getClientAddress(), "host", "-")
+        return [
+            (
+                b"X-Forwarded-For",
+                forwarded_for(
+                    peer,
+                    request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+                    self.settings.trusted_proxies,
+                ),
+            ),
+            (b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"),
+            (b"X-Forwarded-Host", request.getHeader(b"host") or b""),
+            (b"X-Request-ID", request.request_id),
+        ]
+
+    def _health(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json_body({"status": "healthy", "service": self.settings.service_name})
+
+    def preflight(self, request: Any, methods: list[str]) -> bytes:
+        """Answer OPTIONS (a CORS preflight) without contacting an upstream."""
+        request.route = request.path.decode("ascii", "replace")
+        return self.cors.preflight(request, methods)
+
+    @app.handle_errors(GatewayError)
+    def _gateway_error(self, request: Any, failure: Failure) -> bytes:
+        request.outcome = request.outcome or failure.value.outcome
+        return write_error(request, failure.value)
+
+    @app.handle_errors(WerkzeugNotFound)
+    def _not_found(self, request: Any, failure: Failure) -> bytes:
+        request.outcome = "not_found"
+        return write_error(request, NotFound())
+
+    @app.handle_errors(WerkzeugMethodNotAllowed)
+    def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
+        request.outcome = "method_not_allowed"
+        return write_error(request, MethodNotAllowed(failure.value.valid_methods or ()))
+
+    @app.handle_errors(Exception)
+    def _bug(self, request: Any, failure: Failure) -> bytes:
+        _log.err(failure, "unhandled_error", request_id=request.request_id.decode("ascii"))
+        request.outcome = "internal_error"
+        return write_error(request, GatewayError())
+
+
+def _route_handler(route: Route) -> Any:
+    def handle(self: Gateway, request: Any, **params: str) -> Any:
+        return self.dispatch(route, request, params)
+
+    return handle
+
+
+def _preflight_handler(methods: list[str]) -> Any:
+    def handle(self: Gateway, request: Any, **params: str) -> bytes:
+        return self.preflight(request, methods)
+
+    return handle
+
+
+def _register_routes() -> None:
+    methods_by_path: dict[str, list[str]] = defaultdict(list)
+    for route in ROUTES:
+        for path in route.public_paths:
+            Gateway.app.route(
+                klein_path(path), methods=[route.method], endpoint=f"{route.name} {path}"
+            )(_route_handler(route))
+            methods_by_path[path].append(route.method)
+    for path, methods in methods_by_path.items():
+        Gateway.app.route(
+            klein_path(path), methods=["OPTIONS"], endpoint=f"preflight {path}"
+        )(_preflight_handler(methods))
+
+
+_register_routes()

@@ -1,0 +1,200 @@
+"""Settings: read once from options and the environment, validated, frozen.
+
+Every setting has an environment variable (the seed deployments use them);
+the common ones also have a twistd option. Option beats variable beats
+default. A bad value raises ``ConfigError`` whose one-line message names the
+setting, so start-up stops before anything listens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.endpoints import serverFromString
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot run with."""
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError("expected a number of seconds, 0 or more")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("expected a whole number above 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return value
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("expected a base URL without query or fragment")
+    return text.rstrip("/")
+
+
+class _NoReactor:
+    """Stands in for the reactor while an endpoint string is only parsed.
+
+    Building an endpoint object parses the description (and loads TLS keys)
+    without touching the reactor, which may not be chosen yet while options
+    are parsed.
+    """
+
+
+def _endpoint(text: str) -> str:
+    description = f"tcp:{text}" if text.isdigit() else text
+    if text.isdigit() and not 0 < int(text) < 65536:
+        raise ValueError("expected a port number from 1 to 65535")
+    try:
+        serverFromString(_NoReactor(), description)
+    except Exception as e:  # the parsers raise many unrelated types
+        raise ValueError(f"not a Twisted server endpoint ({e})") from None
+    return description
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    if not origins:
+        raise ValueError("expected '*' or a comma-separated list of origins")
+    if "*" in origins and len(origins) > 1:
+        raise ValueError("'*' cannot be combined with other origins")
+    return origins
+
+
+def _networks(
+    text: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False)
+        for part in text.split(",")
+        if part.strip()
+    )
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one setting is named, defaulted and parsed."""
+
+    field: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    option: str | None = None
+    help: str = ""
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("port", "PORT", "8000", _endpoint, "port",
+            "Port number or Twisted endpoint (tcp:8000:interface=127.0.0.1, ssl:..., systemd:...)."),
+    Setting("service_name", "SERVICE_NAME", "api-gateway", _text, "service-name",
+            "Name reported by /health."),
+    Setting("auth_url", "AUTH_SERVICE_URL", "http://auth:8001", _url, "auth-url",
+            "Base URL of the auth service."),
+    Setting("storage_url", "STORAGE_SERVICE_URL", "http://storage:8003", _url, "storage-url",
+            "Base URL of the storage service."),
+    Setting("analytics_url", "ANALYTICS_SERVICE_URL", "http://analytics:8004", _url,
+            "analytics-url", "Base URL of the analytics service."),
+    Setting("auth_timeout", "AUTH_TIMEOUT", "10", _seconds),
+    Setting("storage_timeout", "STORAGE_TIMEOUT", "10", _seconds),
+    Setting("analytics_timeout", "ANALYTICS_TIMEOUT", "30", _seconds),
+    Setting("verify_timeout", "VERIFY_TIMEOUT", "5", _seconds),
+    Setting("cors_origins", "CORS_ORIGINS", "*", _origins),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", "1048576", _non_negative_int),
+    Setting("trusted_proxies", "TRUSTED_PROXIES", "", _networks),
+    Setting("client_timeout", "CLIENT_TIMEOUT", "60", _seconds),
+    Setting("max_idle_per_host", "UPSTREAM_MAX_IDLE_PER_HOST", "64", _positive_int),
+    Setting("idle_upstream_timeout", "UPSTREAM_IDLE_TIMEOUT", "60", _seconds),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one gateway process.
+
+    ``port`` holds a full endpoint description (``tcp:8000``); timeouts are
+    seconds; ``trusted_proxies`` holds parsed networks.
+    """
+
+    port: str
+    service_name: str
+    auth_url: str
+    storage_url: str
+    analytics_url: str
+    auth_timeout: float
+    storage_timeout: float
+    analytics_timeout: float
+    verify_timeout: float
+    cors_origins: tuple[str, ...]
+    max_body_bytes: int
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    client_timeout: float
+    max_idle_per_host: int
+    idle_upstream_timeout: float
+
+    def upstream_url(self, service: str) -> str:
+        """The base URL of a service named in the route table."""
+        return getattr(self, f"{service}_url")
+
+    def upstream_timeout(self, service: str) -> float:
+        """The timeout of a service named in the route table."""
+        return getattr(self, f"{service}_timeout")
+
+
+assert {s.field for s in SETTINGS} == {f.name for f in fields(Settings)}
+
+
+def load_settings(
+    environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
+) -> Settings:
+    """Build the settings from twistd options and the environment.
+
+    Args:
+        environ: The process environment (``os.environ``).
+        options: Option values by option name; ``None`` means "not given".
+
+    Raises:
+        ConfigError: naming the first setting whose value is unusable.
+    """
+    options = options or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        given = options.get(setting.option) if setting.option else None
+        source = f"--{setting.option}" if given is not None else setting.env
+        raw = given if given is not None else environ.get(setting.env, setting.default)
+        try:
+            values[setting.field] = setting.parse(raw.strip())
+        except ValueError as e:
+            raise ConfigError(f"{source}={raw!r}: {e}") from None
+    return Settings(**values)

@@ -1,0 +1,92 @@
+"""The edge: what every request passes before routing (DESIGN §4).
+
+Request id, CORS, client address and the checks that must hold before any
+route code runs: a URL the gateway can read and a body within the limit.
+Rejections here are JSON like every other gateway answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.web.resource import IResource, Resource
+
+from deltagw.cors import CorsPolicy
+from deltagw.errors import BadRequest, GatewayError, PayloadTooLarge, write_error
+from deltagw.headers import client_address, request_id
+from deltagw.logs import get_logger
+from deltagw.site import GatewayRequest
+
+_log = get_logger(component="access")
+
+# Printable ASCII without space; anything else in a request target is not a URL.
+_URL_CHARS = re.compile(rb"[\x21-\x7e]*\Z")
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unquote(raw: bytes) -> bytes:
+    return _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+
+
+def check_target(uri: bytes) -> None:
+    """Reject a request target the gateway cannot forward faithfully.
+
+    Raises:
+        BadRequest: raw non-ASCII or control bytes, broken percent-encoding,
+            or a path or query that does not decode to UTF-8 text.
+    """
+    path, _, query = uri.partition(b"?")
+    if not _URL_CHARS.match(uri):
+        raise BadRequest("Invalid characters in URL")
+    if _BAD_PERCENT.search(uri):
+        raise BadRequest("Invalid percent-encoding in URL")
+    try:
+        decoded_path = _unquote(path).decode("utf-8")
+        _unquote(query.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("URL is not valid UTF-8") from None
+    if _CONTROL.search(decoded_path):
+        raise BadRequest("Control characters in URL path")
+
+
+class EdgeResource(Resource):
+    """Wraps the Klein resource with the gateway's per-request edge work."""
+
+    isLeaf = True
+
+    def __init__(
+        self, routed: IResource, reactor: Any, trusted_proxies: tuple[Any, ...], cors: CorsPolicy
+    ) -> None:
+        super().__init__()
+        self._routed = routed
+        self._reactor = reactor
+        self._trusted = trusted_proxies
+        self._cors = cors
+
+    def render(self, request: GatewayRequest) -> Any:  # type: ignore[override]
+        request.started = self._reactor.seconds()
+        request.request_id = request_id(request.getHeader(b"x-request-id"))
+        request.setHeader(b"X-Request-ID", request.request_id)
+        peer = getattr(request.getClientAddress(), "host", "-")
+        request.client_address = client_address(
+            peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []), self._trusted
+        )
+        _log.msg(
+            "incoming_request",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            request_id=request.request_id.decode("ascii"),
+            client=request.client_address,
+        )
+        self._cors.apply(request)
+        try:
+            check_target(request.uri)
+            if request.body_too_large:
+                raise PayloadTooLarge()
+        except GatewayError as e:
+            request.outcome = e.outcome
+            return write_error(request, e)
+        return self._routed.render(request)

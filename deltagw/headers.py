@@ -1,0 +1,169 @@
+"""Which header fields cross the gateway, in which direction, and what it adds.
+
+A proxy must not forward connection-specific fields (RFC 9110 §7.6.1), must
+not let a client claim an identity or a forwarding chain it was not given,
+and owns the request id and CORS fields of its own responses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""RFC 9110 §7.6.1 hop-by-hop fields (plus the non-standard Proxy-Connection)."""
+
+_SET_BY_GATEWAY: frozenset[bytes] = frozenset(
+    {
+        # The agent writes Host and Content-Length for the upstream connection.
+        b"host",
+        b"content-length",
+        # Twisted's server already answered any 100-continue expectation.
+        b"expect",
+        # Recomputed from the TCP peer; a client's own are believed only from
+        # a trusted proxy (see forwarded_for).
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-request-id",
+    }
+)
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def connection_named(headers: Headers) -> set[bytes]:
+    """The field names a Connection header lists, lower-cased."""
+    named: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return named
+
+
+def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
+    """True for a field that belongs to one connection, not to the message."""
+    lower = name.lower()
+    return lower in HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")
+
+
+def request_id(incoming: bytes | None) -> bytes:
+    """The client's request id when it is well-formed, else a fresh one."""
+    if incoming is not None and _REQUEST_ID.match(incoming):
+        return incoming
+    return uuid.uuid4().hex.encode("ascii")
+
+
+def _is_trusted(address: str, trusted: Iterable[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def forwarded_for(
+    peer: str, incoming: list[bytes], trusted: tuple[Network, ...]
+) -> bytes:
+    """The X-Forwarded-For value to send upstream.
+
+    A client's own X-Forwarded-For is kept (and the peer appended) only when
+    the peer is a trusted proxy; otherwise anyone could forge the chain.
+    """
+    if incoming and _is_trusted(peer, trusted):
+        return b", ".join(incoming) + b", " + peer.encode("ascii")
+    return peer.encode("ascii")
+
+
+def client_address(
+    peer: str, incoming: list[bytes], trusted: tuple[Network, ...]
+) -> str:
+    """The address of the client as far as the gateway can believe it.
+
+    That is the TCP peer, unless the peer is a trusted proxy: then the
+    right-most X-Forwarded-For entry that is not itself a trusted proxy.
+    """
+    if not incoming or not _is_trusted(peer, trusted):
+        return peer
+    entries = [e.strip() for value in incoming for e in value.split(b",")]
+    for entry in reversed(entries):
+        address = entry.decode("ascii", "replace")
+        if not _is_trusted(address, trusted):
+            return address if _is_ip(address) else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def upstream_request_headers(
+    incoming: Headers,
+    *,
+    pass_authorization: bool,
+    added: Iterable[tuple[bytes, bytes]],
+) -> Headers:
+    """The header fields of the request the upstream receives.
+
+    End-to-end fields are copied in order; hop-by-hop fields, any
+    ``X-User-*`` a client sent (identity comes only from a verified token),
+    and the fields the gateway sets itself are dropped; ``added`` is appended.
+    """
+    named = connection_named(incoming)
+    out = Headers()
+    for name, values in incoming.getAllRawHeaders():
+        lower = name.lower()
+        if (
+            is_hop_by_hop(lower, named)
+            or lower in _SET_BY_GATEWAY
+            or lower.startswith(b"x-user-")
+            or (lower == b"authorization" and not pass_authorization)
+        ):
+            continue
+        out.setRawHeaders(name, values)
+    for name, value in added:
+        out.addRawHeader(name, value)
+    return out
+
+
+def copy_response_headers(upstream: Headers, out: Headers) -> None:
+    """Copy the upstream's end-to-end response fields onto the client response.
+
+    Fields the gateway owns on its own responses (CORS, the request id) are
+    not taken from the upstream. Twisted's client has already consumed the
+    framing fields (Content-Length, Transfer-Encoding, Connection) and the
+    pool's protocol the fields Connection names (``deltagw.proxy``).
+    """
+    for name, values in upstream.getAllRawHeaders():
+        lower = name.lower()
+        if (
+            is_hop_by_hop(lower, set())
+            or lower.startswith(b"access-control-")
+            or lower == b"x-request-id"
+        ):
+            continue
+        if lower == b"vary":
+            values = list(out.getRawHeaders(b"vary", ())) + list(values)
+        out.setRawHeaders(name, values)

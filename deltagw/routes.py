@@ -1,0 +1,128 @@
+"""The route table: the single source of truth for the public API.
+
+Routing (``deltagw.app``), the OpenAPI document, metric labels, timeouts and
+the auth policy all read this table, so a route cannot exist without being
+documented, timed and policed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+API_PREFIXES: tuple[str, ...] = ("/api", "/api/v1")
+"""Every ``/api/...`` route is served under each of these prefixes."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A backend service the gateway forwards to.
+
+    Attributes:
+        name: Key used in settings, logs and metrics (``auth``).
+        title: Human name used in error messages ("Auth service unavailable").
+    """
+
+    name: str
+    title: str
+
+    @property
+    def unavailable_message(self) -> str:
+        return f"{self.title} service unavailable"
+
+
+AUTH = Service("auth", "Auth")
+STORAGE = Service("storage", "Storage")
+ANALYTICS = Service("analytics", "Analytics")
+SERVICES: tuple[Service, ...] = (AUTH, STORAGE, ANALYTICS)
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    """A documented query parameter (forwarding keeps every key regardless)."""
+
+    name: str
+    description: str
+    type: str = "string"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One public route.
+
+    Attributes:
+        name: Stable identifier (metric label, OpenAPI operationId).
+        group: Policy group: ``auth``, ``data``, ``analytics``, ``user``, ``meta``.
+        method: HTTP method.
+        path: Public path below the API prefix, with ``{param}`` placeholders
+            (``/data/underlying/{product}``); for meta routes the full path.
+        service: Upstream owner, or None when the gateway answers itself.
+        upstream_path: Upstream path template, same placeholders as ``path``.
+        summary: One line for the docs.
+        query: Documented query parameters.
+        pass_authorization: Forward the client's Authorization header
+            (only logout needs it; everything else gets identity headers).
+        versioned: Served under ``/api`` and ``/api/v1`` (False for meta routes
+            that live outside ``/api``).
+    """
+
+    name: str
+    group: str
+    method: str
+    path: str
+    service: Service | None
+    upstream_path: str | None
+    summary: str
+    query: tuple[QueryParam, ...] = ()
+    pass_authorization: bool = False
+    versioned: bool = True
+    params: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(re.findall(r"{(\w+)}", self.path)))
+
+    @property
+    def public_paths(self) -> tuple[str, ...]:
+        """Every public path template of this route (one per API prefix)."""
+        if not self.versioned:
+            return (self.path,)
+        return tuple(prefix + self.path for prefix in API_PREFIXES)
+
+    @property
+    def template(self) -> str:
+        """The canonical public template, used as the metric ``route`` label."""
+        return self.public_paths[0]
+
+
+_PRODUCT = "product"
+_EXPIRY = QueryParam("expiry", "Option expiry date (YYYY-MM-DD); nearest when absent.")
+
+ROUTES: tuple[Route, ...] = (
+    Route("auth_register", "auth", "POST", "/auth/register", AUTH, "/register",
+          "Register a new user and receive a token."),
+    Route("auth_login", "auth", "POST", "/auth/login", AUTH, "/login",
+          "Log in with email and password and receive a token."),
+    Route("auth_logout", "auth", "POST", "/auth/logout", AUTH, "/logout",
+          "Revoke the bearer token.", pass_authorization=True),
+    Route("data_underlying", "data", "GET", "/data/underlying/{product}", STORAGE,
+          "/underlying/{product}", "Underlying price ticks, newest first.",
+          query=(
+              QueryParam("start", "Earliest timestamp (ISO-8601).", "date-time"),
+              QueryParam("end", "Latest timestamp (ISO-8601).", "date-time"),
+              QueryParam("limit", "Number of ticks (1-1000, default 100).", "integer"),
+          )),
+    Route("data_chain", "data", "GET", "/data/chain/{product}", STORAGE,
+          "/option/chain/{product}", "Option chain for one expiry.", query=(_EXPIRY,)),
+    Route("data_products", "data", "GET", "/data/products", STORAGE, "/products",
+          "Products with market data."),
+    Route("analytics_pcr", "analytics", "GET", "/analytics/pcr/{product}", ANALYTICS,
+          "/pcr/{product}", "Put/call ratios by open interest and volume.",
+          query=(_EXPIRY,)),
+    Route("analytics_volatility_surface", "analytics", "GET",
+          "/analytics/volatility-surface/{product}", ANALYTICS,
+          "/volatility-surface/{product}", "Implied volatility surface."),
+    Route("health", "meta", "GET", "/health", None, None,
+          "Liveness: the gateway process is serving.", versioned=False),
+)
+
+ROUTES_BY_NAME: dict[str, Route] = {route.name: route for route in ROUTES}

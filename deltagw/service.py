@@ -1,0 +1,62 @@
+"""The service tree twistd runs: one listening site and the upstream pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+
+from deltagw.app import Gateway
+from deltagw.config import Settings
+from deltagw.logs import observer
+from deltagw.proxy import Proxy, UpstreamClient
+from deltagw.site import GatewaySite
+
+
+class GatewayService(MultiService):
+    """The whole gateway: whatever it opens on start it closes on stop.
+
+    Args:
+        settings: The validated configuration.
+        reactor: The reactor to listen and time on.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.client = UpstreamClient(
+            reactor, settings.max_idle_per_host, settings.idle_upstream_timeout
+        )
+        self.gateway = Gateway(settings, reactor, Proxy(reactor, self.client))
+        self.site = GatewaySite(self.gateway.resource(), settings, reactor)
+        self.listener = StreamServerEndpointService(
+            serverFromString(reactor, settings.port), self.site
+        )
+        # A port that cannot be bound must stop start-up, not just log.
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)
+
+    def listening(self) -> defer.Deferred[Any]:
+        """Fires with the listening port once the service has started."""
+        return self.listener._waitingForPort
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        """Also make JSON lines the application's log format under twistd.
+
+        twistd asks the application for an ILogObserver component unless
+        ``--logger`` was given, so ``twistd -n deltagw`` logs JSON without
+        extra flags.
+        """
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, observer())
+        super().setServiceParent(parent)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        yield self.client.close()

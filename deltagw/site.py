@@ -1,0 +1,112 @@
+"""The HTTP front door: per-request state, the body limit and the access log.
+
+twisted.web buffers a request body before any resource sees it, so the size
+limit has to live in the request object: past MAX_BODY_BYTES the bytes are
+counted and dropped, never stored, and the edge answers 413.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.web import server
+
+from deltagw.logs import get_logger
+
+_access_log = get_logger(component="access")
+
+
+class _CappedBody(io.BytesIO):
+    """A request body buffer that stops storing past its limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+
+    @property
+    def too_large(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.received += len(data)
+        if self.received > self.limit:
+            return len(data)
+        return super().write(data)
+
+
+class GatewayRequest(server.Request):
+    """A request that carries what the edge and the access log need.
+
+    Attributes:
+        request_id: The id sent upstream and returned to the client.
+        client_address: The client as far as the gateway believes it.
+        started: ``reactor.seconds()`` when processing began.
+        route: The route template (never the raw path), for logs and metrics.
+        log_fields: Extra fields for the ``outgoing_response`` event.
+        outcome: Why the request ended the way it did.
+    """
+
+    request_id: bytes = b""
+    client_address: str = "-"
+    started: float = 0.0
+    route: str | None = None
+    outcome: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log_fields: dict[str, Any] = {}
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = _CappedBody(self.channel.site.settings.max_body_bytes)
+
+    @property
+    def body_too_large(self) -> bool:
+        return self.content.too_large
+
+    def note_upstream(self, service: str, started: float, failure: str | None) -> None:
+        """Record an upstream call for the access log."""
+        reactor = self.channel.site.reactor
+        self.log_fields["upstream"] = service
+        self.log_fields["upstream_latency_ms"] = round((reactor.seconds() - started) * 1000, 3)
+        if failure is not None:
+            self.log_fields["upstream_failure"] = failure
+            self.outcome = self.outcome or f"upstream_{failure}"
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.finished and self.started:
+            self.outcome = self.outcome or "client_closed"
+            self.channel.site.log_response(self, status=499)
+        super().connectionLost(reason)
+
+
+class GatewaySite(server.Site):
+    """A Site that logs one ``outgoing_response`` JSON event per request."""
+
+    requestFactory = GatewayRequest
+
+    def __init__(self, resource: Any, settings: Any, reactor: Any) -> None:
+        super().__init__(resource, reactor=reactor, timeout=settings.client_timeout)
+        self.settings = settings
+        self.reactor = reactor
+
+    def log(self, request: GatewayRequest) -> None:  # type: ignore[override]
+        if request.started:
+            self.log_response(request, status=request.code)
+
+    def log_response(self, request: GatewayRequest, status: int) -> None:
+        """Write the access log event for a finished (or abandoned) request."""
+        outcome = request.outcome or ("ok" if status < 400 else "error")
+        _access_log.msg(
+            "outgoing_response",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            route=request.route,
+            status_code=status,
+            latency_ms=round((self.reactor.seconds() - request.started) * 1000, 3),
+            request_id=request.request_id.decode("ascii"),
+            client=request.client_address,
+            outcome=outcome,
+            **request.log_fields,
+        )

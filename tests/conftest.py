@@ -1,0 +1,54 @@
+"""Fixtures shared by the integration tests: real upstreams and a real gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from deltagw.logs import configure_structlog
+from tests.support import RecordingUpstream, RunningGateway, listen
+
+
+@pytest.fixture(autouse=True, scope="session")
+def json_logs() -> None:
+    """Log as the daemon does, so tests see the JSON events it writes."""
+    configure_structlog()
+
+
+@pytest_twisted.async_yield_fixture
+async def upstream() -> AsyncIterator[Any]:
+    """A recording upstream on a free loopback port (``.resource``, ``.url``)."""
+    resource = RecordingUpstream()
+    listening = listen(resource)
+    resource.url = listening.url
+    yield resource
+    await listening.port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways with given environment settings; all stopped at teardown."""
+    started: list[RunningGateway] = []
+
+    async def start(**env: str) -> RunningGateway:
+        gateway = RunningGateway(env)
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        await gateway.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway(make_gateway: Callable[..., Any], upstream: RecordingUpstream) -> Any:
+    """A gateway whose three services all point at the recording upstream."""
+    yield await make_gateway(
+        AUTH_SERVICE_URL=upstream.url,
+        STORAGE_SERVICE_URL=upstream.url,
+        ANALYTICS_SERVICE_URL=upstream.url,
+    )

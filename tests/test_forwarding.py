@@ -1,0 +1,283 @@
+"""Forwarding rules of DESIGN §2, through a real gateway to a real upstream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+
+from tests.support import RawUpstream, listen, raw_exchange
+
+
+async def _get(gateway, path, **kwargs):
+    response = await gateway.get(path, **kwargs)
+    return response, await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_string_forwarded_whole(gateway, upstream):
+    """Every key, repeated keys and their order reach the upstream unchanged."""
+    query = "b=2&a=1&a=3&empty=&flag&x=%2F%26%3D&sp=a+b&u=%E2%82%AC"
+    response, _ = await _get(gateway, f"/api/data/underlying/NIFTY?{query}")
+    assert response.code == 200
+    assert upstream.seen[-1].uri == f"/underlying/NIFTY?{query}".encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_forwarded_byte_for_byte(gateway, upstream):
+    """A POST body arrives upstream byte for byte with its Content-Type."""
+    body = bytes(range(256)) * 40
+    response = await gateway.request(
+        "POST", "/api/auth/login", data=body, headers={b"Content-Type": [b"application/x-test"]}
+    )
+    await response.content()
+    seen = upstream.seen[-1]
+    assert (seen.method, seen.uri, seen.body) == (b"POST", b"/login", body)
+    assert seen.header(b"content-type") == [b"application/x-test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_path_parameter_percent_encoded(gateway, upstream):
+    """A path parameter is percent-encoded into the upstream path."""
+    await _get(gateway, "/api/v1/data/chain/NIFTY%2050%20%C3%A9%3F%23")
+    assert upstream.seen[-1].uri == b"/option/chain/NIFTY%2050%20%C3%A9%3F%23"
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/api/data/underlying/a%2Fb", 404),
+        ("/api/data/underlying/..", 400),
+        ("/api/data/underlying/%2E%2E", 400),
+        ("/api/data/underlying/a..b", 400),
+        ("/api/data/underlying/%01x", 400),
+        ("/api/data/underlying/x%7F", 400),
+        ("/api/data/underlying/a%5Cb", 400),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_unsafe_path_parameter_never_reaches_upstream(gateway, upstream, path, status):
+    """Slashes, dot-dot and control characters in a parameter stop at the gateway."""
+    response, body = await _get(gateway, path)
+    assert response.code == status
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert "error" in json.loads(body)
+    assert upstream.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_answer_returned_unchanged(gateway, upstream):
+    """Status, end-to-end headers and body bytes come back as the upstream sent them."""
+    raw_body = b'{"b":  2,\n "a": 1.50}'
+
+    def respond(request, seen):
+        request.setResponseCode(418, b"Short and stout")
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"ETag", b'"v1"')
+        request.responseHeaders.setRawHeaders(b"X-Multi", [b"one", b"two"])
+        return raw_body
+
+    upstream.respond = respond
+    response, body = await _get(gateway, "/api/data/products")
+    assert (response.code, response.phrase, body) == (418, b"Short and stout", raw_body)
+    assert response.headers.getRawHeaders(b"etag") == [b'"v1"']
+    assert response.headers.getRawHeaders(b"x-multi") == [b"one", b"two"]
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
+    assert response.length == len(raw_body)
+    raw = await raw_exchange(
+        gateway.port_number, b"GET /api/data/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    head, _, raw_received = raw.partition(b"\r\n\r\n")
+    assert raw_received == raw_body
+    assert b"\r\nContent-Length: 21\r\n" in head + b"\r\n"
+    assert b"content-encoding" not in head.lower()
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 409, 422, 500, 502])
+@pytest_twisted.ensureDeferred
+async def test_upstream_error_status_passed_through(gateway, upstream, code):
+    """An upstream's own 4xx/5xx reaches the client as it is, body included."""
+
+    def respond(request, seen):
+        request.setResponseCode(code)
+        return b'{"error":"from upstream"}'
+
+    upstream.respond = respond
+    response, body = await _get(gateway, "/api/analytics/pcr/NIFTY")
+    assert (response.code, body) == (code, b'{"error":"from upstream"}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_hop_by_hop_request_fields_dropped(gateway, upstream):
+    """Connection, the fields it names, and the other hop-by-hop fields stay at the gateway."""
+    await _get(
+        gateway,
+        "/api/data/products",
+        headers={
+            b"Connection": [b"keep-alive, X-Hop"],
+            b"X-Hop": [b"secret"],
+            b"Keep-Alive": [b"timeout=5"],
+            b"TE": [b"trailers"],
+            b"Trailer": [b"X-T"],
+            b"Upgrade": [b"websocket"],
+            b"Proxy-Authorization": [b"Basic eA=="],
+            b"X-End-To-End": [b"kept"],
+        },
+    )
+    names = {k.lower() for k, _ in upstream.seen[-1].headers}
+    assert names.isdisjoint(
+        {b"x-hop", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-authorization"}
+    )
+    assert upstream.seen[-1].header(b"x-end-to-end") == [b"kept"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hop_by_hop_response_fields_dropped(make_gateway):
+    """Fields the upstream's Connection header names never reach the client."""
+
+    def answer(transport, _):
+        transport.write(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: secret\r\n"
+            b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\n"
+            b"X-Kept: yes\r\nContent-Length: 2\r\n\r\nok"
+        )
+
+    raw = listen(RawUpstream(answer))
+    try:
+        gateway = await make_gateway(STORAGE_SERVICE_URL=raw.url)
+        response, body = await _get(gateway, "/api/data/products")
+        assert (response.code, body) == (200, b"ok")
+        names = {k.lower() for k, _ in response.headers.getAllRawHeaders()}
+        assert names.isdisjoint({b"x-hop", b"keep-alive", b"proxy-authenticate", b"upgrade"})
+        assert response.headers.getRawHeaders(b"x-kept") == [b"yes"]
+    finally:
+        await raw.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarding_fields_added(gateway, upstream):
+    """The upstream sees X-Forwarded-For/Proto/Host and the response's X-Request-ID."""
+    response, _ = await _get(gateway, "/api/data/products", headers={b"Host": [b"api.example:8443"]})
+    seen = upstream.seen[-1]
+    assert seen.header(b"x-forwarded-for") == [b"127.0.0.1"]
+    assert seen.header(b"x-forwarded-proto") == [b"http"]
+    assert seen.header(b"x-forwarded-host") == [b"api.example:8443"]
+    request_id = response.headers.getRawHeaders(b"x-request-id")
+    assert request_id and seen.header(b"x-request-id") == request_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_forwarded_for_ignored_from_untrusted_peer(gateway, upstream):
+    """Without TRUSTED_PROXIES the upstream sees exactly one entry: the peer."""
+    await _get(
+        gateway,
+        "/api/data/products",
+        headers={b"X-Forwarded-For": [b"6.6.6.6"], b"X-Forwarded-Proto": [b"https"]},
+    )
+    assert upstream.seen[-1].header(b"x-forwarded-for") == [b"127.0.0.1"]
+    assert upstream.seen[-1].header(b"x-forwarded-proto") == [b"http"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_forwarded_for_kept_from_trusted_proxy(make_gateway, upstream):
+    """A trusted proxy's X-Forwarded-For is kept and the peer appended."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, TRUSTED_PROXIES="127.0.0.0/8")
+    await _get(gateway, "/api/data/products", headers={b"X-Forwarded-For": [b"203.0.113.9"]})
+    assert upstream.seen[-1].header(b"x-forwarded-for") == [b"203.0.113.9, 127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [(b"abc-123_x.y:z", True), (b"a" * 128, True), (b"a" * 129, False), (b"bad id", False), (b"", False)],
+)
+@pytest_twisted.ensureDeferred
+async def test_request_id_kept_only_when_well_formed(gateway, upstream, sent, kept):
+    """A client's X-Request-ID of 1-128 safe characters is kept, otherwise replaced."""
+    response, _ = await _get(gateway, "/api/data/products", headers={b"X-Request-ID": [sent]})
+    [returned] = response.headers.getRawHeaders(b"x-request-id")
+    assert (returned == sent) is kept
+    assert upstream.seen[-1].header(b"x-request-id") == [returned]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_identity_headers_removed(gateway, upstream):
+    """X-User-* headers from a client never reach an upstream."""
+    for path in ("/api/data/products", "/api/analytics/pcr/NIFTY"):
+        await _get(gateway, path, headers={b"X-User-ID": [b"1"], b"x-user-email": [b"a@b.c"], b"X-User-Role": [b"admin"]})
+    response = await gateway.request("POST", "/api/auth/login", data=b"{}", headers={b"X-User-ID": [b"1"]})
+    await response.content()
+    for seen in upstream.seen:
+        assert not any(k.lower().startswith(b"x-user-") for k, _ in seen.headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorization_passed_only_to_logout(gateway, upstream):
+    """Only the logout route forwards the client's Authorization header."""
+    auth = {b"Authorization": [b"Bearer abc.def.ghi"]}
+    await _get(gateway, "/api/data/products", headers=auth)
+    response = await gateway.request("POST", "/api/auth/logout", headers=auth)
+    await response.content()
+    assert upstream.seen[0].header(b"authorization") == []
+    assert upstream.seen[1].header(b"authorization") == [b"Bearer abc.def.ghi"]
+
+
+@pytest.mark.parametrize(
+    "path, upstream_path",
+    [
+        ("/api/auth/register", "/register"),
+        ("/api/v1/auth/login", "/login"),
+        ("/api/data/underlying/NIFTY", "/underlying/NIFTY"),
+        ("/api/v1/data/chain/BANKNIFTY", "/option/chain/BANKNIFTY"),
+        ("/api/data/products", "/products"),
+        ("/api/analytics/pcr/NIFTY", "/pcr/NIFTY"),
+        ("/api/v1/analytics/volatility-surface/NIFTY", "/volatility-surface/NIFTY"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_route_table_paths(gateway, upstream, path, upstream_path):
+    """Each public route (and its /api/v1 twin) reaches its upstream path."""
+    method = "POST" if "/auth/" in path else "GET"
+    response = await gateway.request(method, path, data=b"{}" if method == "POST" else None)
+    await response.content()
+    assert response.code == 200
+    assert upstream.seen[-1].uri == upstream_path.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_cookies_not_replayed_to_other_clients(gateway, upstream):
+    """Set-Cookie goes to the client that caused it, and is never sent upstream again."""
+
+    def respond(request, seen):
+        request.addCookie(b"session", b"user-a")
+        return b"{}"
+
+    upstream.respond = respond
+    first, _ = await _get(gateway, "/api/data/products")
+    assert first.headers.getRawHeaders(b"set-cookie")
+    await _get(gateway, "/api/data/products")
+    assert upstream.seen[-1].header(b"cookie") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_redirect_not_followed(gateway, upstream):
+    """A redirect from an upstream is the client's to follow, not the gateway's."""
+
+    def respond(request, seen):
+        request.redirect(b"http://elsewhere.invalid/")
+        return b""
+
+    upstream.respond = respond
+    response, _ = await _get(gateway, "/api/data/products", allow_redirects=False)
+    assert response.code == 302
+    assert response.headers.getRawHeaders(b"location") == [b"http://elsewhere.invalid/"]
+    assert len(upstream.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_health(gateway, upstream):
+    """/health answers the seed's liveness document without an upstream."""
+    response, body = await _get(gateway, "/health")
+    assert response.code == 200
+    assert json.loads(body) == {"status": "healthy", "service": "api-gateway"}
+    assert upstream.seen == []
