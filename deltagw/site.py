@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from twisted.web import server
+from twisted.web import http, server
 
+from deltagw.errors import BadRequest, json_body
 from deltagw.logs import get_logger
 
 _access_log = get_logger(component="access")
@@ -81,10 +82,34 @@ class GatewayRequest(server.Request):
         super().connectionLost(reason)
 
 
+_MALFORMED_BODY = json_body({"error": "Malformed HTTP request"})
+_MALFORMED_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_MALFORMED_BODY), _MALFORMED_BODY)
+)
+
+
+class GatewayChannel(http.HTTPChannel):
+    """An HTTP channel whose answer to unparsable requests is JSON too.
+
+    twisted.web rejects a malformed request line or header block before any
+    resource runs, with a bare 400; this keeps that one answer in the
+    gateway's error shape. (The hook is private to twisted.web; it is the
+    only place the rejection happens.)
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        _access_log.msg("malformed_request", client=getattr(self.transport.getPeer(), "host", "-"),
+                        outcome=BadRequest.outcome)
+        self.transport.write(_MALFORMED_RESPONSE)
+        self.loseConnection()
+
+
 class GatewaySite(server.Site):
     """A Site that logs one ``outgoing_response`` JSON event per request."""
 
     requestFactory = GatewayRequest
+    protocol = GatewayChannel
 
     def __init__(self, resource: Any, settings: Any, reactor: Any) -> None:
         super().__init__(resource, reactor=reactor, timeout=settings.client_timeout)
