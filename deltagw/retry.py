@@ -1,0 +1,210 @@
+"""When and how an upstream call is tried again.
+
+A retry is only safe when the upstream cannot have acted on the request and
+the client has seen nothing yet, so the policy is deliberately narrow:
+
+- only GET and HEAD (RFC 9110 §9.2.2: safe and idempotent; a POST that was
+  sent may have taken effect even if no answer came back);
+- only when the connection failed before any response byte arrived: refused,
+  or closed/reset while sending or before the status line (typically a
+  pooled keep-alive connection the upstream had just closed);
+- never after a timeout or a cancellation: the upstream may still be working
+  on it, and the time budget is spent;
+- never once the response has started (see `call_with_retries`);
+- with a jittered backoff that must end before the route's deadline.
+
+The connection pool's own ``retryAutomatically`` must be off: this module
+owns retries.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
+
+T = TypeVar("T")
+
+RETRYABLE_METHODS: frozenset[bytes] = frozenset({b"GET", b"HEAD"})
+
+
+def _is_lost_connection(reason: Failure) -> bool:
+    """Tell whether a transport ``connectionLost`` reason was the peer's doing.
+
+    `ConnectionAborted` is a `ConnectionLost` subclass, but it means *we*
+    aborted (a timeout or a cancellation closing the socket), which must not
+    be retried.
+    """
+    return bool(
+        reason.check(ConnectionLost, ConnectionDone)
+        and not reason.check(ConnectionAborted)
+    )
+
+
+def is_connection_failure(failure: Failure) -> bool:
+    """Tell whether a call failed on the connection before any response byte.
+
+    Checked against twisted.web's HTTP/1.1 client
+    (``twisted.web._newclient``):
+
+    - `ConnectionRefusedError`: the connect was refused; nothing was sent.
+    - `RequestNotSent`: the pooled connection was no longer usable; nothing
+      was sent.
+    - `RequestTransmissionFailed`: the connection was lost while the request
+      was being written; its ``reasons`` hold the transport's reason.
+    - `ResponseNeverReceived`: the request was sent but the connection ended
+      before any response byte (the parser raises `ResponseFailed` instead
+      once a byte has arrived). Cancelling the request also raises it, with a
+      `CancelledError` reason, and ``HTTP11ClientProtocol.abort`` with
+      ``_newclient.ConnectionAborted``; so the wrappers count only when every
+      reason is a connection closed or reset by the peer.
+    - bare `ConnectionLost` / `ConnectionDone`, for the same peer-side loss
+      surfacing unwrapped.
+
+    Anything else is not: timeouts (``defer.TimeoutError``,
+    ``error.TimeoutError``, ``TCPTimedOutError``, ``ConnectingCancelledError``),
+    `CancelledError`, ``RequestGenerationFailed`` (which is what a cancel
+    while sending raises), DNS and TLS errors, invalid HTTP and `ResponseFailed`.
+
+    Args:
+        failure: The failure of one attempt.
+
+    Returns:
+        True when the request can be sent again without risking a double
+        effect or a half-relayed response.
+    """
+    if failure.check(ConnectionAborted):
+        return False
+    if failure.check(ConnectionRefusedError, RequestNotSent, ConnectionLost, ConnectionDone):
+        return True
+    if isinstance(failure.value, (RequestTransmissionFailed, ResponseNeverReceived)):
+        reasons: list[Failure] = failure.value.reasons
+        return bool(reasons) and all(_is_lost_connection(r) for r in reasons)
+    return False
+
+
+class RetryPolicy:
+    """How many times, on which failures, and after what pause to retry."""
+
+    def __init__(
+        self,
+        retries: int = 1,
+        backoff_min: float = 0.05,
+        backoff_max: float = 0.15,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        """Configure the policy.
+
+        Args:
+            retries: Extra attempts after the first (0 disables retrying).
+            backoff_min: Shortest pause before a retry, in seconds.
+            backoff_max: Longest pause before a retry, in seconds.
+            random: Source of uniform floats in [0, 1), a parameter so tests
+                get a fixed jitter.
+
+        Raises:
+            ValueError: Negative ``retries`` or a backoff range that is
+                negative or inverted.
+        """
+        if retries < 0:
+            raise ValueError(f"retries must not be negative, got {retries!r}")
+        if not 0 <= backoff_min <= backoff_max:
+            raise ValueError(
+                f"need 0 <= backoff_min <= backoff_max, got {backoff_min!r}, {backoff_max!r}"
+            )
+        self.retries = retries
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._random = random
+
+    def should_retry(self, method: bytes, failure: Failure, attempt: int) -> bool:
+        """Tell whether a failed attempt may be tried again.
+
+        Args:
+            method: The request method, as Twisted spells it (``b"GET"``).
+            failure: Why the attempt failed.
+            attempt: The number of the attempt that failed, starting at 1.
+
+        Returns:
+            True for GET and HEAD, within the retry budget, on a connection
+            failure before any response byte (`is_connection_failure`).
+        """
+        return (
+            method in RETRYABLE_METHODS
+            and attempt <= self.retries
+            and is_connection_failure(failure)
+        )
+
+    def backoff(self) -> float:
+        """Pick the pause before a retry.
+
+        Returns:
+            Seconds, uniform in [backoff_min, backoff_max]; the jitter keeps
+            requests that failed together (an upstream restart) from all
+            retrying at the same instant.
+        """
+        return self.backoff_min + (self.backoff_max - self.backoff_min) * self._random()
+
+
+def call_with_retries(
+    reactor: IReactorTime,
+    policy: RetryPolicy,
+    method: bytes,
+    attempt_fn: Callable[[], Deferred[T]],
+    deadline: float,
+) -> Deferred[T]:
+    """Run an upstream call, retrying it as ``policy`` allows.
+
+    ``attempt_fn``'s Deferred must fire as soon as the response headers
+    arrive, before anything is written to the client; relay the body outside
+    it. A retry after the client has seen part of a response would send it a
+    second, spliced one.
+
+    Args:
+        reactor: The clock for the backoff and the deadline.
+        policy: Which failures to retry and how long to wait.
+        method: The request method (``b"GET"``).
+        attempt_fn: Starts one attempt; called again for each retry.
+        deadline: ``reactor.seconds()`` value by which the route must be done;
+            a retry whose backoff would end at or after it is not made.
+
+    Returns:
+        The first attempt's result that is not retried: a success, or the
+        failure of the last attempt. Cancelling it cancels the attempt in
+        flight or the pending backoff, and no further attempt starts.
+    """
+
+    async def run() -> T:
+        attempt = 1
+        while True:
+            try:
+                return await attempt_fn()
+            except Exception:
+                failure = Failure()
+                if not policy.should_retry(method, failure, attempt):
+                    raise
+                pause = policy.backoff()
+                if reactor.seconds() + pause >= deadline:
+                    raise
+            # Outside the except block, so a cancelled backoff raises a plain
+            # CancelledError instead of one chained to the attempt's failure.
+            await task.deferLater(reactor, pause)
+            attempt += 1
+
+    return Deferred.fromCoroutine(run())
