@@ -18,6 +18,8 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
+from deltagw.auth import Identity
+from deltagw.authentication import Authenticator
 from deltagw.config import Settings
 from deltagw.cors import CorsPolicy
 from deltagw.edge import EdgeResource
@@ -64,16 +66,20 @@ class Gateway:
         settings: The validated configuration.
         reactor: Supplies time (``seconds``/``callLater``) and networking.
         proxy: Forwards requests to upstreams.
+        authenticator: Verifies bearer tokens per the route's policy.
     """
 
     app = Klein()
 
-    def __init__(self, settings: Settings, reactor: Any, proxy: Proxy) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Any, proxy: Proxy, authenticator: Authenticator
+    ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.proxy = proxy
+        self.authenticator = authenticator
         self.cors = CorsPolicy(settings.cors_origins)
-        self._local = {"health": self._health}
+        self._local = {"health": self._health, "user_me": self._user_me}
 
     def resource(self) -> IResource:
         """The root resource to serve: the edge wrapped around the routes."""
@@ -84,13 +90,20 @@ class Gateway:
     async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
         """Run one matched route: answered here, or forwarded upstream."""
         request.route = route.template
+        identity = await self.authenticator.identify(request, route)
+        if identity is not None:
+            request.log_fields["user_id"] = identity.user_id
         if route.service is None:
-            return self._local[route.name](request)
+            return self._local[route.name](request, identity)
         url = self._upstream_url(route, request, params)
+        added = self._forwarding_fields(request)
+        if identity is not None:
+            added += [
+                (b"X-User-ID", identity.user_id.encode("utf-8")),
+                (b"X-User-Email", identity.email.encode("utf-8")),
+            ]
         headers = upstream_request_headers(
-            request.requestHeaders,
-            pass_authorization=route.pass_authorization,
-            added=self._forwarding_fields(request),
+            request.requestHeaders, pass_authorization=route.pass_authorization, added=added
         )
         timeout = self.settings.upstream_timeout(route.service.name)
         await self.proxy.forward(request, route.service, url, headers, timeout)
@@ -119,9 +132,13 @@ class Gateway:
             (b"X-Request-ID", request.request_id),
         ]
 
-    def _health(self, request: Any) -> bytes:
+    def _health(self, request: Any, identity: Identity | None) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         return json_body({"status": "healthy", "service": self.settings.service_name})
+
+    def _user_me(self, request: Any, identity: Identity) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json_body({"user_id": identity.user_id, "email": identity.email})
 
     def preflight(self, request: Any, methods: list[str]) -> bytes:
         """Answer OPTIONS (a CORS preflight) without contacting an upstream."""

@@ -17,6 +17,10 @@ from urllib.parse import urlsplit
 from twisted.internet.endpoints import serverFromString
 
 
+GUARDABLE_GROUPS = frozenset({"data", "analytics"})
+"""Route groups that REQUIRE_AUTH may put behind a token."""
+
+
 class ConfigError(ValueError):
     """A setting has a value the gateway cannot run with."""
 
@@ -97,6 +101,19 @@ def _networks(
     )
 
 
+def _groups(text: str) -> frozenset[str]:
+    groups = frozenset(g.strip() for g in text.split(",") if g.strip())
+    unknown = groups - GUARDABLE_GROUPS
+    if unknown:
+        raise ValueError(f"unknown route group(s) {', '.join(sorted(unknown))}; "
+                         f"expected some of {', '.join(sorted(GUARDABLE_GROUPS))}")
+    return groups
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -133,6 +150,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cors_origins", "CORS_ORIGINS", "*", _origins),
     Setting("max_body_bytes", "MAX_BODY_BYTES", "1048576", _non_negative_int),
     Setting("trusted_proxies", "TRUSTED_PROXIES", "", _networks),
+    Setting("require_auth", "REQUIRE_AUTH", "", _groups),
+    Setting("verify_cache_ttl", "VERIFY_CACHE_TTL", "10", _non_negative_seconds),
+    Setting("jwt_secret", "JWT_SECRET", "", _optional_text),
+    Setting("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", "", _optional_text),
     Setting("client_timeout", "CLIENT_TIMEOUT", "60", _seconds),
     Setting("max_idle_per_host", "UPSTREAM_MAX_IDLE_PER_HOST", "64", _positive_int),
     Setting("idle_upstream_timeout", "UPSTREAM_IDLE_TIMEOUT", "60", _seconds),
@@ -159,6 +180,10 @@ class Settings:
     cors_origins: tuple[str, ...]
     max_body_bytes: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    require_auth: frozenset[str]
+    verify_cache_ttl: float
+    jwt_secret: str | None
+    jwt_public_key_file: str | None
     client_timeout: float
     max_idle_per_host: int
     idle_upstream_timeout: float

@@ -63,6 +63,20 @@ class MethodNotAllowed(GatewayError):
         super().__init__(headers=[(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))])
 
 
+class Unauthorized(GatewayError):
+    """No usable bearer token (RFC 6750 §3: the challenge says which)."""
+
+    status = 401
+    message = "Invalid token"
+    outcome = "unauthorized"
+
+    def __init__(self, message: str | None = None, token_given: bool = True) -> None:
+        challenge = b'Bearer realm="deltastream"'
+        if token_given:
+            challenge += b', error="invalid_token"'
+        super().__init__(message, headers=[(b"WWW-Authenticate", challenge)])
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     message = "Request body too large"
@@ -87,6 +101,15 @@ class UpstreamUnavailable(GatewayError):
         self.service = service
         self.reason = reason
         self.outcome = f"upstream_{reason}"
+
+
+class AuthServiceUnavailable(UpstreamUnavailable):
+    """A token could not be verified: 503, so the client retries instead of
+    logging in again."""
+
+    def __init__(self, service: Service, reason: str) -> None:
+        super().__init__(service, reason)
+        self.outcome = "auth_unavailable"
 
 
 def json_body(document: object) -> bytes:

@@ -121,6 +121,8 @@ ROUTES: tuple[Route, ...] = (
     Route("analytics_volatility_surface", "analytics", "GET",
           "/analytics/volatility-surface/{product}", ANALYTICS,
           "/volatility-surface/{product}", "Implied volatility surface."),
+    Route("user_me", "user", "GET", "/user/me", None, None,
+          "The identity behind the bearer token."),
     Route("health", "meta", "GET", "/health", None, None,
           "Liveness: the gateway process is serving.", versioned=False),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import defer
@@ -12,10 +13,36 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
 from deltagw.app import Gateway
-from deltagw.config import Settings
+from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
+from deltagw.authentication import Authenticator
+from deltagw.config import ConfigError, Settings
 from deltagw.logs import observer
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.site import GatewaySite
+
+
+def make_verifier(settings: Settings, reactor: Any, http: HTTPClient) -> Verifier:
+    """The token verifier the settings ask for, behind the verification cache.
+
+    Local verification (JWT_SECRET or JWT_PUBLIC_KEY_FILE) trades central
+    revocation for speed; otherwise the auth service is asked.
+
+    Raises:
+        ConfigError: the key for local verification is unusable.
+    """
+    inner: Verifier
+    if settings.jwt_secret:
+        inner = LocalVerifier.from_secret(settings.jwt_secret, reactor=reactor)
+    elif settings.jwt_public_key_file:
+        try:
+            inner = LocalVerifier.from_public_key_file(
+                settings.jwt_public_key_file, reactor=reactor
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"JWT_PUBLIC_KEY_FILE={settings.jwt_public_key_file!r}: {e}") from None
+    else:
+        inner = RemoteVerifier(http, settings.auth_url, settings.verify_timeout, reactor)
+    return CachingVerifier(inner, reactor, ttl=settings.verify_cache_ttl)
 
 
 class GatewayService(MultiService):
@@ -32,7 +59,10 @@ class GatewayService(MultiService):
         self.client = UpstreamClient(
             reactor, settings.max_idle_per_host, settings.idle_upstream_timeout
         )
-        self.gateway = Gateway(settings, reactor, Proxy(reactor, self.client))
+        authenticator = Authenticator(
+            make_verifier(settings, reactor, self.client.http), settings.require_auth
+        )
+        self.gateway = Gateway(settings, reactor, Proxy(reactor, self.client), authenticator)
         self.site = GatewaySite(self.gateway.resource(), settings, reactor)
         self.listener = StreamServerEndpointService(
             serverFromString(reactor, settings.port), self.site

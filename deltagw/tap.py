@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from twisted.application.service import Application, IService
 from twisted.python import usage
 
-from deltagw.config import SETTINGS, ConfigError, Settings, load_settings
+from deltagw.config import SETTINGS, ConfigError, load_settings
 from deltagw.logs import configure_structlog
 
 
@@ -26,31 +26,26 @@ class Options(usage.Options):
     ]
 
 
-def settings_or_exit(environ: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
-    """Load settings; on a bad value exit with one line naming the setting."""
+def service_or_exit(environ: Mapping[str, str], options: Mapping[str, str | None]) -> IService:
+    """Build the service; on a bad setting exit with one line naming it."""
+    from twisted.internet import reactor
+
+    from deltagw.service import GatewayService
+
+    configure_structlog()
     try:
-        return load_settings(environ, options)
+        return GatewayService(load_settings(environ, options), reactor)
     except ConfigError as e:
         raise SystemExit(f"deltagw: configuration error: {e}") from None
 
 
 def makeService(options: Options) -> IService:
     """Build the gateway service tree from parsed options."""
-    from twisted.internet import reactor
-
-    from deltagw.service import GatewayService
-
-    configure_structlog()
-    return GatewayService(settings_or_exit(os.environ, dict(options)), reactor)
+    return service_or_exit(os.environ, dict(options))
 
 
 def make_application(environ: Mapping[str, str]) -> Application:
     """The application ``gateway.tac`` runs, configured from the environment."""
-    from twisted.internet import reactor
-
-    from deltagw.service import GatewayService
-
-    configure_structlog()
     application = Application("deltagw")
-    GatewayService(settings_or_exit(environ, {}), reactor).setServiceParent(application)
+    service_or_exit(environ, {}).setServiceParent(application)
     return application

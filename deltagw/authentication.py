@@ -1,0 +1,82 @@
+"""Authentication at the edge: which routes need a token, and what each
+verification outcome means for the client (DESIGN §2-§3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltagw.auth import (
+    AuthUnavailable,
+    Identity,
+    InvalidToken,
+    MissingCredentials,
+    Verifier,
+    parse_bearer,
+)
+from deltagw.errors import AuthServiceUnavailable, Unauthorized
+from deltagw.routes import AUTH, Route
+
+REQUIRED = "required"
+OPTIONAL = "optional"
+UNUSED = "unused"
+
+
+def auth_policy(route: Route, require_auth: frozenset[str]) -> str:
+    """Whether ``route`` needs a token, takes one if given, or ignores it.
+
+    The auth routes ignore tokens (logout passes its Authorization through
+    to the auth service, which judges it); the user routes always need one;
+    data and analytics need one when REQUIRE_AUTH lists their group.
+    """
+    if route.group == "user" or route.group in require_auth:
+        return REQUIRED
+    if route.service is None or route.service is AUTH:
+        return UNUSED
+    return OPTIONAL
+
+
+class Authenticator:
+    """Turns a request's Authorization header into an identity, or an error.
+
+    Args:
+        verifier: Verifies a token (remote, local, usually cached).
+        require_auth: Route groups that need a valid token.
+    """
+
+    def __init__(self, verifier: Verifier, require_auth: frozenset[str]) -> None:
+        self._verifier = verifier
+        self._require_auth = require_auth
+
+    def policy(self, route: Route) -> str:
+        return auth_policy(route, self._require_auth)
+
+    async def identify(self, request: Any, route: Route) -> Identity | None:
+        """The verified identity of ``request``, or None where it may go without.
+
+        Raises:
+            Unauthorized: the route needs a token and none valid was given.
+            AuthServiceUnavailable: the route needs a token and the auth
+                service could not say whether it is valid.
+        """
+        policy = self.policy(route)
+        if policy == UNUSED:
+            return None
+        headers = request.requestHeaders.getRawHeaders(b"authorization", [])
+        if policy == OPTIONAL and not headers:
+            return None
+        try:
+            if len(headers) > 1:
+                raise InvalidToken()
+            token = parse_bearer(headers[0] if headers else None)
+            return await self._verifier.verify(token)
+        except MissingCredentials:
+            raise Unauthorized("Missing Authorization header", token_given=False) from None
+        except InvalidToken:
+            if policy == OPTIONAL:
+                return None
+            raise Unauthorized() from None
+        except AuthUnavailable as e:
+            if policy == OPTIONAL:
+                return None
+            raise AuthServiceUnavailable(AUTH, e.reason) from None
