@@ -71,8 +71,13 @@ class _NoReactor:
     """
 
 
+DEFAULT_BACKLOG = 1024
+"""Listen backlog for a plain port number: Twisted's default of 50 drops
+SYNs (a one-second client stall) as soon as a burst of clients connects."""
+
+
 def _endpoint(text: str) -> str:
-    description = f"tcp:{text}" if text.isdigit() else text
+    description = f"tcp:{text}:backlog={DEFAULT_BACKLOG}" if text.isdigit() else text
     if text.isdigit() and not 0 < int(text) < 65536:
         raise ValueError("expected a port number from 1 to 65535")
     try:

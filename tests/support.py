@@ -36,6 +36,18 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, step: f
         await deferLater(reactor, step, lambda: None)
 
 
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, step: float = 0.05) -> Any:
+    """Like ``wait_until`` for an async check (one that makes requests)."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, step, lambda: None)
+
+
 @dataclass
 class Seen:
     """One request as the upstream received it."""
@@ -153,7 +165,7 @@ class RunningGateway:
     """A GatewayService on a free loopback port, with a client pointed at it."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        env = {"PORT": "tcp:0:interface=127.0.0.1", **env}
+        env = {"PORT": "tcp:0:interface=127.0.0.1:backlog=1024", **env}
         self.settings = load_settings(env)
         self.service = GatewayService(self.settings, reactor)
         self.pool = HTTPConnectionPool(reactor, persistent=False)

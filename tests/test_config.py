@@ -13,7 +13,7 @@ from deltagw.tap import Options
 def test_defaults_match_design():
     """With nothing set, the defaults of DESIGN §5 apply."""
     settings = load_settings({})
-    assert settings.port == "tcp:8000"
+    assert settings.port == "tcp:8000:backlog=1024"
     assert settings.service_name == "api-gateway"
     assert (settings.auth_url, settings.storage_url, settings.analytics_url) == (
         "http://auth:8001",
@@ -41,7 +41,7 @@ def test_twistd_options_feed_settings():
     options = Options()
     options.parseOptions(["--port", "8123", "--auth-url", "https://auth.internal"])
     settings = load_settings({}, dict(options))
-    assert (settings.port, settings.auth_url) == ("tcp:8123", "https://auth.internal")
+    assert (settings.port, settings.auth_url) == ("tcp:8123:backlog=1024", "https://auth.internal")
 
 
 def test_decimal_timeouts_and_lists():
