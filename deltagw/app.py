@@ -32,6 +32,7 @@ from deltagw.errors import (
     write_error,
 )
 from deltagw.headers import forwarded_for, upstream_request_headers
+from deltagw.limits import RateLimits
 from deltagw.logs import get_logger
 from deltagw.proxy import Proxy
 from deltagw.routes import ROUTES, Route
@@ -67,17 +68,24 @@ class Gateway:
         reactor: Supplies time (``seconds``/``callLater``) and networking.
         proxy: Forwards requests to upstreams.
         authenticator: Verifies bearer tokens per the route's policy.
+        limits: Token buckets the request spends from.
     """
 
     app = Klein()
 
     def __init__(
-        self, settings: Settings, reactor: Any, proxy: Proxy, authenticator: Authenticator
+        self,
+        settings: Settings,
+        reactor: Any,
+        proxy: Proxy,
+        authenticator: Authenticator,
+        limits: RateLimits,
     ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.proxy = proxy
         self.authenticator = authenticator
+        self.limits = limits
         self.cors = CorsPolicy(settings.cors_origins)
         self._local = {"health": self._health, "user_me": self._user_me}
 
@@ -93,6 +101,10 @@ class Gateway:
         identity = await self.authenticator.identify(request, route)
         if identity is not None:
             request.log_fields["user_id"] = identity.user_id
+        decision = await self.limits.check(route, request.client_address, identity)
+        if decision is not None:
+            for name, value in decision.headers():
+                request.setHeader(name, value)
         if route.service is None:
             return self._local[route.name](request, identity)
         url = self._upstream_url(route, request, params)
@@ -162,7 +174,7 @@ class Gateway:
 
     @app.handle_errors(Exception)
     def _bug(self, request: Any, failure: Failure) -> bytes:
-        _log.err(failure, "unhandled_error", request_id=request.request_id.decode("ascii"))
+        _log.err("unhandled_error", _stuff=failure, request_id=request.request_id.decode("ascii"))
         request.outcome = "internal_error"
         return write_error(request, GatewayError())
 

@@ -119,6 +119,31 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+def _flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _redis_url(text: str) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme == "unix" and parts.path:
+        return text
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError("expected redis://[:password@]host[:port][/db] or unix:///path")
+    try:
+        parts.port
+        int(parts.path.strip("/") or 0)
+    except ValueError:
+        raise ValueError("expected redis://[:password@]host[:port][/db]") from None
+    return text
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -159,6 +184,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("verify_cache_ttl", "VERIFY_CACHE_TTL", "10", _non_negative_seconds),
     Setting("jwt_secret", "JWT_SECRET", "", _optional_text),
     Setting("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", "", _optional_text),
+    Setting("rate_limit_requests", "RATE_LIMIT_REQUESTS", "100", _non_negative_int),
+    Setting("rate_limit_window", "RATE_LIMIT_WINDOW", "60", _seconds),
+    Setting("rate_limit_auth_requests", "RATE_LIMIT_AUTH_REQUESTS", "10", _non_negative_int),
+    Setting("rate_limit_auth_window", "RATE_LIMIT_AUTH_WINDOW", "60", _seconds),
+    Setting("rate_limit_max_keys", "RATE_LIMIT_MAX_KEYS", "100000", _positive_int),
+    Setting("rate_limit_fail_closed", "RATE_LIMIT_FAIL_CLOSED", "0", _flag),
+    Setting("redis_url", "REDIS_URL", "", _redis_url),
     Setting("client_timeout", "CLIENT_TIMEOUT", "60", _seconds),
     Setting("max_idle_per_host", "UPSTREAM_MAX_IDLE_PER_HOST", "64", _positive_int),
     Setting("idle_upstream_timeout", "UPSTREAM_IDLE_TIMEOUT", "60", _seconds),
@@ -189,6 +221,13 @@ class Settings:
     verify_cache_ttl: float
     jwt_secret: str | None
     jwt_public_key_file: str | None
+    rate_limit_requests: int
+    rate_limit_window: float
+    rate_limit_auth_requests: int
+    rate_limit_auth_window: float
+    rate_limit_max_keys: int
+    rate_limit_fail_closed: bool
+    redis_url: str | None
     client_timeout: float
     max_idle_per_host: int
     idle_upstream_timeout: float

@@ -77,6 +77,14 @@ class Unauthorized(GatewayError):
         super().__init__(message, headers=[(b"WWW-Authenticate", challenge)])
 
 
+class RateLimited(GatewayError):
+    """Over budget; the headers say when to come back (issue 5)."""
+
+    status = 429
+    message = "Rate limit exceeded"
+    outcome = "rate_limited"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     message = "Request body too large"

@@ -16,6 +16,7 @@ from deltagw.app import Gateway
 from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
 from deltagw.authentication import Authenticator
 from deltagw.config import ConfigError, Settings
+from deltagw.limits import RateLimits
 from deltagw.logs import observer
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.site import GatewaySite
@@ -62,7 +63,11 @@ class GatewayService(MultiService):
         authenticator = Authenticator(
             make_verifier(settings, reactor, self.client.http), settings.require_auth
         )
-        self.gateway = Gateway(settings, reactor, Proxy(reactor, self.client), authenticator)
+        self.limits = RateLimits(settings, reactor)
+        self.limits.setServiceParent(self)
+        self.gateway = Gateway(
+            settings, reactor, Proxy(reactor, self.client), authenticator, self.limits
+        )
         self.site = GatewaySite(self.gateway.resource(), settings, reactor)
         self.listener = StreamServerEndpointService(
             serverFromString(reactor, settings.port), self.site

@@ -1,0 +1,115 @@
+"""Which budget a request spends, and from which limiter (DESIGN §2, issue 5).
+
+Every ``/api`` route spends from a token bucket keyed by the verified user,
+or else by the client address; the auth group has its own stricter budget
+against password guessing; meta routes (health, docs, metrics) never spend.
+With REDIS_URL the buckets live in Redis so every gateway process shares
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+
+from deltagw.auth import Identity
+from deltagw.config import Settings
+from deltagw.errors import GatewayError, RateLimited
+from deltagw.ratelimit import Decision, LimiterUnavailable, RedisLimiter, TokenBucketLimiter
+from deltagw.routes import Route
+
+REDIS_TIMEOUT = 0.05
+"""Seconds a Redis decision may take before the limiter fails open (or closed)."""
+
+
+class RateLimiterUnavailable(GatewayError):
+    status = 503
+    message = "Rate limit service unavailable"
+    outcome = "rate_limiter_unavailable"
+
+
+def redis_endpoint(reactor: Any, url: str) -> tuple[Any, str | None, int]:
+    """Endpoint, password and database number of a ``redis://`` or ``unix://`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return UNIXClientEndpoint(reactor, parts.path), parts.password, 0
+    db = int(parts.path.strip("/") or 0)
+    endpoint = HostnameEndpoint(reactor, parts.hostname or "localhost", parts.port or 6379)
+    return endpoint, parts.password, db
+
+
+class RateLimits(Service):
+    """The gateway's limiters, one per budget, started and stopped as a service.
+
+    Args:
+        settings: RATE_LIMIT_* and REDIS_URL.
+        reactor: Clock for the in-process buckets and network for Redis.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        self._limiters: dict[str, Any] = {}
+        budgets = {
+            "default": (settings.rate_limit_requests, settings.rate_limit_window),
+            "auth": (settings.rate_limit_auth_requests, settings.rate_limit_auth_window),
+        }
+        for policy, (capacity, window) in budgets.items():
+            if capacity == 0:
+                continue
+            if settings.redis_url:
+                endpoint, password, db = redis_endpoint(reactor, settings.redis_url)
+                self._limiters[policy] = RedisLimiter(
+                    reactor, endpoint, capacity, window, policy=policy, timeout=REDIS_TIMEOUT,
+                    fail_open=not settings.rate_limit_fail_closed, password=password, db=db,
+                )
+            else:
+                self._limiters[policy] = TokenBucketLimiter(
+                    reactor, capacity, window, max_keys=settings.rate_limit_max_keys, policy=policy
+                )
+
+    @staticmethod
+    def policy(route: Route) -> str | None:
+        """The budget a route spends from; None for routes that are never limited."""
+        if route.group == "meta":
+            return None
+        return "auth" if route.group == "auth" else "default"
+
+    async def check(self, route: Route, client: str, identity: Identity | None) -> Decision | None:
+        """Spend one token for this request.
+
+        Returns:
+            The decision (its headers go on the response), or None when the
+            route or budget is not limited.
+
+        Raises:
+            RateLimited: over budget (429).
+            RateLimiterUnavailable: Redis could not decide and the limiter
+                fails closed (503).
+        """
+        limiter = self._limiters.get(self.policy(route) or "")
+        if limiter is None:
+            return None
+        key = f"user:{identity.user_id}" if identity and route.group != "auth" else f"ip:{client}"
+        decision = limiter.consume(key)
+        if isinstance(decision, defer.Deferred):
+            try:
+                decision = await decision
+            except LimiterUnavailable:
+                raise RateLimiterUnavailable() from None
+        if not decision.allowed:
+            raise RateLimited(headers=decision.headers())
+        return decision
+
+    def startService(self) -> None:
+        super().startService()
+        for limiter in self._limiters.values():
+            limiter.start()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        return defer.gatherResults(
+            [defer.maybeDeferred(limiter.stop) for limiter in self._limiters.values()]
+        )
