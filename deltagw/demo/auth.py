@@ -396,8 +396,15 @@ def _string_fields(body: dict[str, Any], *names: str) -> list[str]:
     if missing:
         raise ApiError(400, f"Missing required field(s): {', '.join(missing)}")
     for name in names:
-        if not isinstance(body[name], str):
+        value = body[name]
+        if not isinstance(value, str):
             raise ApiError(400, f"{name} must be a string")
+        # JSON escapes can spell lone surrogates, which neither SQLite nor
+        # scrypt's UTF-8 encoding accept.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{name} must be valid Unicode") from None
     return [body[name] for name in names]
 
 

@@ -1,0 +1,182 @@
+"""The demo platform: ports, logging, lifecycle and shared error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+import pytest_twisted
+from klein import Klein
+from treq.testing import StubTreq
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEvent,
+    globalLogPublisher,
+)
+from twisted.web.iweb import IRequest
+
+from deltagw.demo._http import install_json_errors
+from deltagw.demo.platform import DemoPlatform, default_state_dir
+
+if TYPE_CHECKING:
+    from conftest import Client, MakePlatform
+
+SERVICES = ("auth", "storage", "analytics")
+
+
+def test_services_listen_on_distinct_loopback_ports(platform: DemoPlatform) -> None:
+    """Each backend has its own port on 127.0.0.1."""
+    assert set(platform.urls) == set(SERVICES)
+    ports = set()
+    for url in platform.urls.values():
+        host, _, port = url.removeprefix("http://").partition(":")
+        assert host == "127.0.0.1"
+        ports.add(int(port))
+    assert len(ports) == 3
+
+
+def test_start_logs_one_line_per_service(make_platform: MakePlatform) -> None:
+    """Starting logs where each service listens, once, even if started twice."""
+    events: list[LogEvent] = []
+    platform = make_platform()
+    platform.log = Logger(observer=cast(ILogObserver, events.append))
+
+    platform.privilegedStartService()
+    urls = dict(platform.urls)
+    platform.startService()
+
+    assert platform.urls == urls
+    assert [formatEvent(event) for event in events] == [
+        f"Demo {name} service listening on {urls[name]}" for name in SERVICES
+    ]
+
+
+def test_start_service_alone_binds_the_ports(make_platform: MakePlatform) -> None:
+    """A platform started without the privileged step still listens."""
+    platform = make_platform()
+
+    platform.startService()
+
+    assert set(platform.urls) == set(SERVICES)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_the_ports(reactor: Any, platform: DemoPlatform) -> None:
+    """After stopService no backend accepts connections."""
+    await platform.stopService()
+
+    for url in platform.urls.values():
+        port = int(url.rpartition(":")[2])
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        with pytest.raises(ConnectionRefusedError):
+            await endpoint.connect(Factory.forProtocol(Protocol))
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_get_a_json_404(
+    client: Client, platform: DemoPlatform, service: str
+) -> None:
+    """Every backend answers an unknown route with a JSON 404."""
+    reply = await client.get(platform.urls[service] + "/no/such/route")
+
+    assert reply.status == 404
+    assert reply.content_type == "application/json"
+    assert reply.json == {"error": "Not found"}
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "path", "allowed"),
+    [
+        ("auth", "GET", "/register", "POST"),
+        ("storage", "POST", "/products", "GET, HEAD"),
+        ("analytics", "DELETE", "/pcr/NIFTY", "GET, HEAD"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_wrong_methods_get_a_json_405(
+    client: Client,
+    platform: DemoPlatform,
+    service: str,
+    method: str,
+    path: str,
+    allowed: str,
+) -> None:
+    """Every backend answers a wrong method with a JSON 405 and an Allow header."""
+    reply = await client.request(method, platform.urls[service] + path)
+
+    assert reply.status == 405
+    assert reply.content_type == "application/json"
+    assert reply.json == {"error": "Method not allowed"}
+    assert reply.header("allow") == allowed
+
+
+@pytest.mark.parametrize(
+    ("xdg_state_home", "expected"),
+    [
+        pytest.param("/srv/state", "/srv/state/deltagw", id="xdg"),
+        pytest.param(None, "/home/dana/.local/state/deltagw", id="unset"),
+        pytest.param(
+            "relative/state", "/home/dana/.local/state/deltagw", id="relative"
+        ),
+    ],
+)
+def test_default_state_dir_follows_xdg(
+    monkeypatch: Any, xdg_state_home: str | None, expected: str
+) -> None:
+    """The state directory is $XDG_STATE_HOME/deltagw, else ~/.local/state/deltagw."""
+    monkeypatch.setenv("HOME", "/home/dana")
+    if xdg_state_home is None:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", xdg_state_home)
+
+    assert default_state_dir() == expected
+
+
+def test_state_dir_is_created_private(platform: DemoPlatform, state_dir: Any) -> None:
+    """A missing state directory is created readable by its owner only."""
+    assert os.stat(state_dir.path).st_mode & 0o777 == 0o700
+
+
+class Broken:
+    """A Klein app whose only route fails, to exercise the catch-all handler."""
+
+    app = Klein()
+    install_json_errors(app)
+
+    @app.route("/")
+    def fail(self, request: IRequest) -> bytes:
+        """Raise an error no handler expects."""
+        raise RuntimeError("secret internals")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_errors_get_a_json_500_without_the_traceback() -> None:
+    """A bug in a handler answers a generic JSON 500; the details stay in the log."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        stub: Any = StubTreq(Broken().app.resource())  # Its methods are dynamic.
+        response = await stub.get("http://demo/")
+        body = await response.content()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+    assert response.code == 500
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(body) == {"error": "Internal server error"}
+    assert b"secret internals" not in body
+    assert any(
+        event.get("log_failure") is not None
+        and event["log_failure"].check(RuntimeError)
+        for event in events
+    )
