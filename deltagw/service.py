@@ -80,6 +80,16 @@ class GatewayService(MultiService):
         """Fires with the listening port once the service has started."""
         return self.listener._waitingForPort
 
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        yield self.client.close()
+
+
+class RootService(MultiService):
+    """The top of the tree twistd runs: the gateway, and the demo backends
+    when asked for."""
+
     def setServiceParent(self, parent: IServiceCollection) -> None:
         """Also make JSON lines the application's log format under twistd.
 
@@ -90,8 +100,3 @@ class GatewayService(MultiService):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
             parent.setComponent(ILogObserver, observer())
         super().setServiceParent(parent)
-
-    @defer.inlineCallbacks
-    def stopService(self) -> Any:
-        yield super().stopService()
-        yield self.client.close()

@@ -15,7 +15,7 @@ from typing import Any
 from tests.support import wait_until
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
-_STARTING_ON = re.compile(r"starting on (\d+)")
+_STARTING_ON = re.compile(r"GatewaySite starting on (\d+)")
 
 
 class Daemon:
