@@ -268,3 +268,38 @@ async def test_tokens_never_logged_user_id_is(edge):
     assert "authorization" not in text.lower()
     access = [json.loads(str(e["message"][0])) for e in events if "outgoing_response" in str(e.get("message"))]
     assert access[0]["user_id"] == "17"
+
+
+@pytest_twisted.async_yield_fixture
+async def demo_auth(tmp_path):
+    """The demo auth service (real JWTs, SQLite, revocation) on a loopback port."""
+    from twisted.internet import reactor
+
+    from deltagw.demo.platform import DemoPlatform
+
+    platform = DemoPlatform(reactor, str(tmp_path), jwt_secret="test-secret-of-thirty-two-bytes-at-least", scrypt_n=2**4)
+    platform.privilegedStartService()
+    platform.startService()
+    yield platform.urls["auth"]
+    await platform.stopService()
+
+
+@pytest.mark.parametrize("ttl", ["0", "10"])
+@pytest_twisted.ensureDeferred
+async def test_demo_auth_logout_revokes_through_gateway(make_gateway, demo_auth, ttl):
+    """Against the demo auth service: a logged-out token is refused at once with TTL 0, cached otherwise."""
+    gateway = await make_gateway(AUTH_SERVICE_URL=demo_auth, VERIFY_CACHE_TTL=ttl)
+    registered = await gateway.request(
+        "POST",
+        "/api/auth/register",
+        json={"email": "edge@example.com", "password": "long-enough", "name": "Edge"},
+    )
+    token = (await _json(registered))["token"].encode()
+    me = await gateway.get("/api/user/me", headers=_bearer(token))
+    assert (await _json(me))["email"] == "edge@example.com"
+    logout = await gateway.request("POST", "/api/auth/logout", headers=_bearer(token))
+    assert logout.code == 200
+    await logout.content()
+    after = await gateway.get("/api/user/me", headers=_bearer(token))
+    await after.content()
+    assert after.code == (401 if ttl == "0" else 200)
