@@ -31,7 +31,7 @@ from deltagw.errors import (
     json_body,
     write_error,
 )
-from deltagw.headers import forwarded_for, upstream_request_headers
+from deltagw.headers import chained, forwarded_element, is_trusted_peer, upstream_request_headers
 from deltagw.limits import RateLimits
 from deltagw.logs import get_logger
 from deltagw.proxy import Proxy
@@ -129,20 +129,34 @@ class Gateway:
         return url
 
     def _forwarding_fields(self, request: Any) -> list[tuple[bytes, bytes]]:
+        """X-Forwarded-*, Forwarded (RFC 7239), the request id and trace context.
+
+        A trusted proxy's own forwarding fields are continued; anyone else's
+        are replaced by what the gateway saw itself.
+        """
+        headers = request.requestHeaders
         peer = getattr(request.getClientAddress(), "host", "-")
-        return [
+        believed = is_trusted_peer(peer, self.settings.trusted_proxies)
+        seen_proto = b"https" if request.isSecure() else b"http"
+        seen_host = request.getHeader(b"host") or b""
+        proto, host = seen_proto, seen_host
+        if believed:
+            proto = headers.getRawHeaders(b"x-forwarded-proto", [proto])[-1]
+            host = headers.getRawHeaders(b"x-forwarded-host", [host])[-1]
+        this_hop = forwarded_element(peer, seen_proto, seen_host)
+        fields = [
             (
                 b"X-Forwarded-For",
-                forwarded_for(
-                    peer,
-                    request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
-                    self.settings.trusted_proxies,
-                ),
+                chained(headers.getRawHeaders(b"x-forwarded-for", []), peer.encode(), believed),
             ),
-            (b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"),
-            (b"X-Forwarded-Host", request.getHeader(b"host") or b""),
+            (b"X-Forwarded-Proto", proto),
+            (b"X-Forwarded-Host", host),
+            (b"Forwarded", chained(headers.getRawHeaders(b"forwarded", []), this_hop, believed)),
             (b"X-Request-ID", request.request_id),
+            (b"traceparent", request.trace.traceparent()),
         ]
+        fields.extend((b"tracestate", value) for value in request.trace.tracestate)
+        return fields
 
     def _health(self, request: Any, identity: Identity | None) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")

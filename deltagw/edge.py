@@ -14,7 +14,7 @@ from twisted.web.resource import IResource, Resource
 
 from deltagw.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, PayloadTooLarge, write_error
-from deltagw.headers import client_address, request_id
+from deltagw.headers import client_address, request_id, trace_context
 from deltagw.logs import get_logger
 from deltagw.site import GatewayRequest
 
@@ -70,6 +70,11 @@ class EdgeResource(Resource):
         request.started = self._reactor.seconds()
         request.request_id = request_id(request.getHeader(b"x-request-id"))
         request.setHeader(b"X-Request-ID", request.request_id)
+        request.trace = trace_context(
+            request.requestHeaders.getRawHeaders(b"traceparent", []),
+            request.requestHeaders.getRawHeaders(b"tracestate", []),
+        )
+        request.log_fields["trace_id"] = request.trace.trace_id.decode("ascii")
         peer = getattr(request.getClientAddress(), "host", "-")
         request.client_address = client_address(
             peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []), self._trusted
@@ -80,6 +85,7 @@ class EdgeResource(Resource):
             path=request.path.decode("ascii", "replace"),
             request_id=request.request_id.decode("ascii"),
             client=request.client_address,
+            trace_id=request.log_fields["trace_id"],
         )
         self._cors.apply(request)
         try:

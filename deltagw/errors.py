@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
 
 from deltagw.routes import Service
@@ -125,10 +126,38 @@ def json_body(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
+PROBLEM_JSON = b"application/problem+json"
+
+
+def problem_document(status: int, message: str, instance: str | None) -> dict[str, object]:
+    """The error body: the seed's ``error`` member plus RFC 9457 members.
+
+    ``type`` is ``about:blank``, so ``title`` is the status phrase (RFC 9457
+    §4.2.1); ``instance`` is the request id, which the logs carry too.
+    """
+    document: dict[str, object] = {
+        "error": message,
+        "type": "about:blank",
+        "title": RESPONSES.get(status, b"Error").decode("ascii"),
+        "status": status,
+        "detail": message,
+    }
+    if instance:
+        document["instance"] = instance
+    return document
+
+
+def wants_problem_json(accept: bytes | None) -> bool:
+    """Whether the client's Accept header asks for application/problem+json."""
+    return accept is not None and PROBLEM_JSON in accept.lower()
+
+
 def write_error(request: IRequest, error: GatewayError) -> bytes:
     """Set the status and headers of ``error`` on ``request``; return its body."""
     request.setResponseCode(error.status)
-    request.setHeader(b"Content-Type", b"application/json")
+    content_type = PROBLEM_JSON if wants_problem_json(request.getHeader(b"accept")) else b"application/json"
+    request.setHeader(b"Content-Type", content_type)
     for name, value in error.headers:
         request.setHeader(name, value)
-    return json_body({"error": error.message})
+    request_id = getattr(request, "request_id", b"").decode("ascii") or None
+    return json_body(problem_document(error.status, error.message, request_id))

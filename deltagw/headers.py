@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
@@ -37,16 +39,21 @@ _SET_BY_GATEWAY: frozenset[bytes] = frozenset(
         # Twisted's server already answered any 100-continue expectation.
         b"expect",
         # Recomputed from the TCP peer; a client's own are believed only from
-        # a trusted proxy (see forwarded_for).
+        # a trusted proxy (see chained).
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"forwarded",
         b"x-request-id",
+        # Re-issued by the gateway as a new span of the same trace.
+        b"traceparent",
+        b"tracestate",
     }
 )
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -72,6 +79,55 @@ def request_id(incoming: bytes | None) -> bytes:
     return uuid.uuid4().hex.encode("ascii")
 
 
+@dataclass(frozen=True)
+class TraceContext:
+    """The W3C Trace Context the gateway continues (or starts) for a request."""
+
+    trace_id: bytes
+    flags: bytes
+    tracestate: list[bytes]
+
+    def traceparent(self) -> bytes:
+        """A traceparent naming a new span of this trace (the gateway's own)."""
+        return b"00-%s-%s-%s" % (self.trace_id, secrets.token_hex(8).encode("ascii"), self.flags)
+
+
+def trace_context(traceparent: list[bytes], tracestate: list[bytes]) -> TraceContext:
+    """Continue a valid incoming trace, or start a new one (W3C Trace Context §3.2).
+
+    tracestate belongs to the incoming trace, so it is kept only when the
+    traceparent was valid.
+    """
+    if len(traceparent) == 1:
+        match = _TRACEPARENT.match(traceparent[0])
+        if match:
+            version, trace_id, parent_id, flags, rest = match.groups()
+            if (
+                version != b"ff"
+                and not (version == b"00" and rest)
+                and trace_id != b"0" * 32
+                and parent_id != b"0" * 16
+            ):
+                return TraceContext(trace_id, flags, tracestate)
+    return TraceContext(secrets.token_hex(16).encode("ascii"), b"00", [])
+
+
+def _forwarded_value(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    if _TOKEN.match(raw):
+        return raw
+    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def forwarded_element(peer: str, proto: bytes, host: bytes) -> bytes:
+    """One RFC 7239 element describing this hop (IPv6 addresses quoted and bracketed)."""
+    node = f"[{peer}]" if ":" in peer else peer
+    parts = [b"for=" + _forwarded_value(node), b"proto=" + proto]
+    if host:
+        parts.append(b"host=" + _forwarded_value(host.decode("ascii", "replace")))
+    return b";".join(parts)
+
+
 def _is_trusted(address: str, trusted: Iterable[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -80,17 +136,20 @@ def _is_trusted(address: str, trusted: Iterable[Network]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def forwarded_for(
-    peer: str, incoming: list[bytes], trusted: tuple[Network, ...]
-) -> bytes:
-    """The X-Forwarded-For value to send upstream.
+def is_trusted_peer(peer: str, trusted: tuple[Network, ...]) -> bool:
+    """Whether the TCP peer is a proxy whose forwarding headers are believed."""
+    return bool(trusted) and _is_trusted(peer, trusted)
 
-    A client's own X-Forwarded-For is kept (and the peer appended) only when
-    the peer is a trusted proxy; otherwise anyone could forge the chain.
+
+def chained(incoming: list[bytes], ours: bytes, believed: bool) -> bytes:
+    """A forwarding list (X-Forwarded-For, Forwarded) with this hop appended.
+
+    A client's own list is kept only when the peer is a trusted proxy;
+    otherwise anyone could forge the chain.
     """
-    if incoming and _is_trusted(peer, trusted):
-        return b", ".join(incoming) + b", " + peer.encode("ascii")
-    return peer.encode("ascii")
+    if incoming and believed:
+        return b", ".join(incoming) + b", " + ours
+    return ours
 
 
 def client_address(

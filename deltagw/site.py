@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.web import http, server
 
-from deltagw.errors import BadRequest, json_body
+from deltagw.errors import BadRequest, json_body, problem_document
 from deltagw.logs import get_logger
 
 _access_log = get_logger(component="access")
@@ -82,7 +82,7 @@ class GatewayRequest(server.Request):
         super().connectionLost(reason)
 
 
-_MALFORMED_BODY = json_body({"error": "Malformed HTTP request"})
+_MALFORMED_BODY = json_body(problem_document(400, "Malformed HTTP request", None))
 _MALFORMED_RESPONSE = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_MALFORMED_BODY), _MALFORMED_BODY)

@@ -282,3 +282,70 @@ async def test_health(gateway, upstream):
     assert response.code == 200
     assert json.loads(body) == {"status": "healthy", "service": "api-gateway"}
     assert upstream.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_header_added(gateway, upstream):
+    """The upstream also gets an RFC 7239 Forwarded element for this hop."""
+    await _get(gateway, "/api/data/products", headers={b"Host": [b"api.example:8443"], b"Forwarded": [b"for=6.6.6.6"]})
+    assert upstream.seen[-1].header(b"forwarded") == [b'for=127.0.0.1;proto=http;host="api.example:8443"']
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_chain_kept_from_trusted_proxy(make_gateway, upstream):
+    """A trusted proxy's Forwarded and X-Forwarded-Proto/Host are continued."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, TRUSTED_PROXIES="127.0.0.1/32")
+    await _get(
+        gateway,
+        "/api/data/products",
+        headers={
+            b"Host": [b"internal:8000"],
+            b"Forwarded": [b'for="[2001:db8::7]";proto=https'],
+            b"X-Forwarded-Proto": [b"https"],
+            b"X-Forwarded-Host": [b"api.example"],
+        },
+    )
+    seen = upstream.seen[-1]
+    assert seen.header(b"forwarded") == [b'for="[2001:db8::7]";proto=https, for=127.0.0.1;proto=http;host="internal:8000"']
+    assert seen.header(b"x-forwarded-proto") == [b"https"]
+    assert seen.header(b"x-forwarded-host") == [b"api.example"]
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest_twisted.ensureDeferred
+async def test_valid_traceparent_continued_with_new_span(gateway, upstream):
+    """A valid traceparent keeps its trace id, gets the gateway's span, and tracestate passes."""
+    incoming = f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode()
+    await _get(gateway, "/api/data/products", headers={b"traceparent": [incoming], b"tracestate": [b"vendor=x"]})
+    [forwarded] = upstream.seen[-1].header(b"traceparent")
+    version, trace_id, span_id, flags = forwarded.decode().split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "01")
+    assert span_id != "00f067aa0ba902b7" and len(span_id) == 16
+    assert upstream.seen[-1].header(b"tracestate") == [b"vendor=x"]
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        None,
+        b"garbage",
+        b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01",
+        f"00-{TRACE_ID}-0000000000000000-01".encode(),
+        f"ff-{TRACE_ID}-00f067aa0ba902b7-01".encode(),
+        f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01".encode(),
+        f"00-{TRACE_ID}-00f067aa0ba902b7-01-extra".encode(),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_invalid_traceparent_replaced(gateway, upstream, incoming):
+    """A missing or invalid traceparent is replaced by a fresh trace, and tracestate dropped."""
+    headers = {b"tracestate": [b"vendor=x"]}
+    if incoming is not None:
+        headers[b"traceparent"] = [incoming]
+    await _get(gateway, "/api/data/products", headers=headers)
+    [forwarded] = upstream.seen[-1].header(b"traceparent")
+    version, trace_id, span_id, flags = forwarded.decode().split("-")
+    assert version == "00" and len(trace_id) == 32 and trace_id not in (TRACE_ID, "0" * 32)
+    assert upstream.seen[-1].header(b"tracestate") == []
