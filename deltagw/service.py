@@ -20,6 +20,7 @@ from deltagw.limits import RateLimits
 from deltagw.logs import observer
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.site import GatewaySite
+from deltagw.systemd import SystemdNotifier
 
 
 def make_verifier(settings: Settings, reactor: Any, http: HTTPClient) -> Verifier:
@@ -75,6 +76,10 @@ class GatewayService(MultiService):
         # A port that cannot be bound must stop start-up, not just log.
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
+        # After the listener: READY=1 once it listens; MultiService stops
+        # children in reverse, so STOPPING=1 goes out before the port closes.
+        self.notifier = SystemdNotifier(reactor, ready=self.listening)
+        self.notifier.setServiceParent(self)
 
     def listening(self) -> defer.Deferred[Any]:
         """Fires with the listening port once the service has started."""
