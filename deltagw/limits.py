@@ -18,7 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
 from deltagw.auth import Identity
 from deltagw.config import Settings
-from deltagw.errors import GatewayError, RateLimited
+from deltagw.errors import RETRY_AFTER_SECONDS, GatewayError, RateLimited
 from deltagw.ratelimit import Decision, LimiterUnavailable, RedisLimiter, TokenBucketLimiter
 from deltagw.routes import Route
 
@@ -27,9 +27,14 @@ REDIS_TIMEOUT = 0.05
 
 
 class RateLimiterUnavailable(GatewayError):
+    """Redis could not decide and the limiter fails closed."""
+
     status = 503
     message = "Rate limit service unavailable"
     outcome = "rate_limiter_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(headers=[(b"Retry-After", str(RETRY_AFTER_SECONDS).encode("ascii"))])
 
 
 def redis_endpoint(reactor: Any, url: str) -> tuple[Any, str | None, int]:
@@ -102,6 +107,11 @@ class RateLimits(Service):
         if not decision.allowed:
             raise RateLimited(headers=decision.headers())
         return decision
+
+    @property
+    def limiters(self) -> dict[str, Any]:
+        """The limiter of each budget, by policy name (read-only use)."""
+        return dict(self._limiters)
 
     def startService(self) -> None:
         super().startService()

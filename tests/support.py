@@ -150,7 +150,7 @@ def listen(factory_or_resource: Any) -> Listening:
         if isinstance(factory_or_resource, Resource)
         else factory_or_resource
     )
-    return Listening(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    return Listening(reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024))
 
 
 def closed_port_url() -> str:
