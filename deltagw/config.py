@@ -194,6 +194,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("client_timeout", "CLIENT_TIMEOUT", "60", _seconds),
     Setting("max_idle_per_host", "UPSTREAM_MAX_IDLE_PER_HOST", "64", _positive_int),
     Setting("idle_upstream_timeout", "UPSTREAM_IDLE_TIMEOUT", "60", _seconds),
+    Setting("breaker_failures", "BREAKER_FAILURES", "5", _positive_int),
+    Setting("breaker_reset", "BREAKER_RESET", "30", _seconds),
+    Setting("retries", "RETRIES", "1", _non_negative_int),
+    Setting("max_in_flight", "MAX_IN_FLIGHT", "256", _positive_int),
+    Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
+    Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
 )
 
 
@@ -231,6 +237,12 @@ class Settings:
     client_timeout: float
     max_idle_per_host: int
     idle_upstream_timeout: float
+    breaker_failures: int
+    breaker_reset: float
+    retries: int
+    max_in_flight: int
+    shutdown_grace: float
+    metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     def upstream_url(self, service: str) -> str:
         """The base URL of a service named in the route table."""

@@ -1,35 +1,58 @@
-"""Upstream calls: one pooled treq client, timeouts, and streaming back.
+"""Upstream calls: one pooled treq client, timeouts, resilience, streaming back.
 
-The response body is relayed chunk by chunk as it arrives, registered as a
-push producer on the client's request so that a slow client slows the
-upstream instead of filling the gateway's memory.
+Before a call, the service's in-flight cap (load shedding) and circuit
+breaker may answer 503 at once; the wait for response headers is retried
+where that is safe (``deltagw.retry``); the response body is then relayed
+chunk by chunk as it arrives, registered as a push producer on the client's
+request so that a slow client slows the upstream instead of filling the
+gateway's memory.
 """
 
 from __future__ import annotations
 
+import math
 from http.cookiejar import CookieJar
-from typing import Any
+from typing import IO, Any
 
 from treq.client import HTTPClient
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
     ResponseDone,
     _HTTP11ClientFactory,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from deltagw.breaker import HALF_OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.errors import UpstreamUnavailable
 from deltagw.headers import connection_named, copy_response_headers
-from deltagw.routes import Service
+from deltagw.logs import get_logger
+from deltagw.retry import RetryPolicy, call_with_retries
+from deltagw.routes import SERVICES, Service
+
+_log = get_logger(component="proxy")
+
+SHED_RETRY_AFTER = 1
+"""``Retry-After`` (seconds) of a shed request: the overload is momentary
+(one slot frees as soon as any in-flight call ends)."""
 
 
 class _ConnectionHonouringProtocol(_newclient.HTTP11ClientProtocol):
@@ -73,6 +96,38 @@ class _NoCookies(CookieJar):
         return None
 
 
+@implementer(IAgentEndpointFactory)
+class _UpstreamEndpoints:
+    """Endpoints for upstream URLs: plain TCP for IP literals, HostnameEndpoint
+    for names, TLS on top for https (as ``twisted.web.client``'s standard
+    factory does).
+
+    ``HostnameEndpoint`` races address families with an ``attemptDelay``, so a
+    refused connection to ``127.0.0.1`` takes about 300 ms to be reported;
+    an IP literal has nothing to race, and a dead upstream must be found out
+    at once for the breaker and the retry policy to be worth anything.
+    """
+
+    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
+        if uri.scheme == b"http":
+            return endpoint
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+
+
 class UpstreamClient:
     """The process-wide HTTP client for every upstream call.
 
@@ -89,7 +144,10 @@ class UpstreamClient:
         self.pool.retryAutomatically = False
         self.pool.maxPersistentPerHost = max_idle_per_host
         self.pool.cachedConnectionTimeout = idle_timeout
-        self.http = HTTPClient(Agent(reactor, pool=self.pool), cookiejar=_NoCookies())
+        agent = Agent.usingEndpointFactory(
+            reactor, _UpstreamEndpoints(reactor, BrowserLikePolicyForHTTPS()), pool=self.pool
+        )
+        self.http = HTTPClient(agent, cookiejar=_NoCookies())
 
     def close(self) -> defer.Deferred[None]:
         """Close the idle connections; fires when they are closed."""
@@ -176,11 +234,41 @@ class _BodyRelay(Protocol):
 
 
 class Proxy:
-    """Forwards one client request to its upstream and streams the answer."""
+    """Forwards one client request to its upstream and streams the answer.
 
-    def __init__(self, reactor: Any, client: UpstreamClient) -> None:
+    Owns the per-service resilience state: a circuit breaker (`breakers`)
+    and a count of calls in flight, capped at ``max_in_flight``.
+
+    Args:
+        reactor: Clock for timeouts, backoff and the breakers.
+        client: The pooled upstream client.
+        breaker_failures: Consecutive failures that open a service's circuit.
+        breaker_reset: Seconds an open circuit waits before one probe.
+        retry: Which failed attempts are tried again, and after what pause.
+        max_in_flight: Upstream calls per service beyond which new ones are
+            shed (answered 503 at once) instead of queued.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: UpstreamClient,
+        breaker_failures: int = 5,
+        breaker_reset: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 256,
+    ) -> None:
         self._reactor = reactor
         self._client = client
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._max_in_flight = max_in_flight
+        self.breakers: dict[str, CircuitBreaker] = {
+            service.name: CircuitBreaker(
+                service.name, reactor, breaker_failures, breaker_reset, _log_transition
+            )
+            for service in SERVICES
+        }
+        self.in_flight: dict[str, int] = {service.name: 0 for service in SERVICES}
 
     async def forward(
         self,
@@ -192,27 +280,91 @@ class Proxy:
     ) -> None:
         """Send ``request`` to ``url`` and relay the response to the client.
 
+        The call counts as in flight for its service from before it is sent
+        until the body relay ends, so shedding caps real upstream load.
+
         Raises:
-            UpstreamUnavailable: no response headers arrived (refused, reset,
-                timed out, invalid HTTP); nothing has been written yet.
+            UpstreamUnavailable: nothing has been written yet, and either the
+                call was not made (``shed``, ``circuit_open``) or no response
+                headers arrived (refused, reset, timed out, invalid HTTP).
         """
         started = self._reactor.seconds()
-        d = self._client.http.request(
-            request.method.decode("ascii"),
-            url,
-            headers=headers,
-            data=_body_of(request),
-            unbuffered=True,
-            allow_redirects=False,
-        )
-        d.addTimeout(timeout, self._reactor)
+        if self.in_flight[service.name] >= self._max_in_flight:
+            request.note_upstream(service.name, started, "shed")
+            raise UpstreamUnavailable(service, "shed", SHED_RETRY_AFTER)
+        breaker = self.breakers[service.name]
         try:
-            response = await d
+            breaker.acquire()
+        except CircuitOpen as e:
+            request.note_upstream(service.name, started, "circuit_open")
+            raise UpstreamUnavailable(service, "circuit_open", math.ceil(e.retry_after)) from None
+        self.in_flight[service.name] += 1
+        try:
+            response = await self._response_headers(
+                request, service, url, headers, timeout, breaker, started
+            )
+            await self._relay(request, service, response, timeout, started)
+        finally:
+            self.in_flight[service.name] -= 1
+
+    async def _response_headers(
+        self,
+        request: Any,
+        service: Service,
+        url: str,
+        headers: Any,
+        timeout: float,
+        breaker: CircuitBreaker,
+        started: float,
+    ) -> IResponse:
+        """Wait for the upstream's response headers, retrying where safe.
+
+        Settles the breaker call that ``forward`` acquired: the headers (or
+        their absence) are all the breaker judges.
+        """
+        method = request.method
+
+        def attempt() -> defer.Deferred[IResponse]:
+            # A fresh producer per attempt: FileBodyProducer closes its file
+            # when done, and a retry must send the body again from the start.
+            return self._client.http.request(
+                method.decode("ascii"),
+                url,
+                headers=headers,
+                data=_body_of(request),
+                unbuffered=True,
+                allow_redirects=False,
+            )
+
+        # The half-open probe is a single attempt: the point of the open
+        # circuit is that a dead upstream sees one connection per reset period.
+        policy = _NO_RETRY if breaker.state == HALF_OPEN else self._retry
+        d = call_with_retries(self._reactor, policy, method, attempt, started + timeout)
+        d.addTimeout(timeout, self._reactor, onTimeoutCancel=_as_timeout)
+        try:
+            response: IResponse = await d
         except Exception:
-            reason = failure_reason(Failure())
+            failure = Failure()
+            if _was_cancelled(failure):
+                # The client went away (Klein cancels the handler): nothing
+                # was learnt about the upstream.
+                breaker.release()
+            else:
+                breaker.record_failure()
+            reason = failure_reason(failure)
             request.note_upstream(service.name, started, reason)
             raise UpstreamUnavailable(service, reason) from None
+        if is_failure_status(response.code):
+            breaker.record_failure()
+        else:
+            breaker.record_success()
         request.note_upstream(service.name, started, None)
+        return response
+
+    async def _relay(
+        self, request: Any, service: Service, response: IResponse, timeout: float, started: float
+    ) -> None:
+        """Write the upstream's status, headers and body to the client."""
         _undo_empty_content_encoding(response.headers)
         if response.code >= 400:
             request.outcome = "upstream_error"
@@ -229,6 +381,36 @@ class Proxy:
             await _abort(request)
 
 
+_NO_RETRY = RetryPolicy(retries=0)
+
+
+def _as_timeout(result: object, timeout: float) -> None:
+    """Turn whatever a timed-out call failed with into one ``defer.TimeoutError``.
+
+    Cancelling a request that is already on a connection fails it with
+    ``ResponseNeverReceived`` (wrapping the CancelledError), not with the
+    bare CancelledError ``addTimeout`` would convert by itself.
+    """
+    raise defer.TimeoutError(f"no response headers within {timeout} s")
+
+
+def _was_cancelled(failure: Failure) -> bool:
+    """Tell whether a call failed because we cancelled it (not a timeout)."""
+    if failure.check(defer.TimeoutError):
+        return False
+    if failure.check(defer.CancelledError):
+        return True
+    return bool(
+        failure.check(_newclient._WrapperException)
+        and any(r.check(defer.CancelledError) for r in failure.value.reasons)
+    )
+
+
+def _log_transition(service: str, old: str, new: str) -> None:
+    """Log a breaker's state change (the breaker calls this once per change)."""
+    _log.msg("circuit_breaker", service=service, previous_state=old, state=new)
+
+
 def _undo_empty_content_encoding(headers: Any) -> None:
     """Remove the empty Content-Encoding that treq's decoder agent adds.
 
@@ -239,15 +421,38 @@ def _undo_empty_content_encoding(headers: Any) -> None:
         headers.removeHeader(b"content-encoding")
 
 
+class _Rewound:
+    """The request body from its start, surviving FileBodyProducer's close().
+
+    ``request.content`` belongs to the server request; the producer of one
+    attempt must neither close it nor leave it mid-way for the next attempt.
+    """
+
+    def __init__(self, content: IO[bytes]) -> None:
+        self._content = content
+        content.seek(0)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._content.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._content.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._content.tell()
+
+    def close(self) -> None:
+        """Leave the request's buffer open: a retry reads it again."""
+
+
 def _body_of(request: Any) -> FileBodyProducer | None:
-    """The buffered request body as a producer, or None when there is none."""
+    """The buffered request body as a new producer, or None when there is none."""
     content = request.content
     content.seek(0, 2)
     size = content.tell()
-    content.seek(0)
     if size == 0 and not request.requestHeaders.hasHeader(b"content-length"):
         return None
-    return FileBodyProducer(content)
+    return FileBodyProducer(_Rewound(content))
 
 
 async def _abort(request: Any) -> None:

@@ -64,6 +64,8 @@ class Route:
             (only logout needs it; everything else gets identity headers).
         versioned: Served under ``/api`` and ``/api/v1`` (False for meta routes
             that live outside ``/api``).
+        subtree: Also answers every path below ``path`` (a Klein
+            ``branch=True`` route): Swagger UI's asset files.
     """
 
     name: str
@@ -76,6 +78,7 @@ class Route:
     query: tuple[QueryParam, ...] = ()
     pass_authorization: bool = False
     versioned: bool = True
+    subtree: bool = False
     params: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +128,15 @@ ROUTES: tuple[Route, ...] = (
           "The identity behind the bearer token."),
     Route("health", "meta", "GET", "/health", None, None,
           "Liveness: the gateway process is serving.", versioned=False),
+    Route("health_ready", "meta", "GET", "/health/ready", None, None,
+          "Readiness: 200 with each upstream's circuit state; 503 while draining.",
+          versioned=False),
+    Route("docs", "meta", "GET", "/docs", None, None,
+          "This OpenAPI document."),
+    Route("docs_ui", "meta", "GET", "/docs/ui", None, None,
+          "Swagger UI for the OpenAPI document.", subtree=True),
+    Route("metrics", "meta", "GET", "/metrics", None, None,
+          "Prometheus metrics (restricted by METRICS_ALLOW).", versioned=False),
 )
 
 ROUTES_BY_NAME: dict[str, Route] = {route.name: route for route in ROUTES}

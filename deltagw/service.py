@@ -1,4 +1,9 @@
-"""The service tree twistd runs: one listening site and the upstream pool."""
+"""The service tree twistd runs: one listening site and the upstream pool.
+
+Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > listener).
+Stopping drains first (stop listening, let in-flight requests finish), while
+the limiter and the pool those requests use still work; then the rest.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ from deltagw.app import Gateway
 from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
 from deltagw.authentication import Authenticator
 from deltagw.config import ConfigError, Settings
+from deltagw.drain import DrainService, RequestTracker
 from deltagw.limits import RateLimits
 from deltagw.logs import observer
+from deltagw.metrics import Metrics
 from deltagw.proxy import Proxy, UpstreamClient
+from deltagw.retry import RetryPolicy
 from deltagw.site import GatewaySite
 from deltagw.systemd import SystemdNotifier
 
@@ -66,16 +74,38 @@ class GatewayService(MultiService):
         )
         self.limits = RateLimits(settings, reactor)
         self.limits.setServiceParent(self)
-        self.gateway = Gateway(
-            settings, reactor, Proxy(reactor, self.client), authenticator, self.limits
+        self.proxy = Proxy(
+            reactor,
+            self.client,
+            breaker_failures=settings.breaker_failures,
+            breaker_reset=settings.breaker_reset,
+            retry=RetryPolicy(retries=settings.retries),
+            max_in_flight=settings.max_in_flight,
         )
-        self.site = GatewaySite(self.gateway.resource(), settings, reactor)
+        self.metrics = Metrics()
+        # The gauges read the proxy's own counters when scraped.
+        self.metrics.watch(in_flight=self.proxy.in_flight, breakers=self.proxy.breakers)
+        self.gateway = Gateway(
+            settings,
+            reactor,
+            self.proxy,
+            authenticator,
+            self.limits,
+            metrics=self.metrics,
+            readiness=lambda: self.drain.readiness(),
+        )
+        self.tracker = RequestTracker(self.gateway.resource())
+        self.drain = DrainService(
+            reactor, self.tracker, self.proxy.breakers, settings.shutdown_grace
+        )
+        self.drain.setServiceParent(self)
+        self.site = GatewaySite(self.tracker, settings, reactor, metrics=self.metrics)
         self.listener = StreamServerEndpointService(
             serverFromString(reactor, settings.port), self.site
         )
         # A port that cannot be bound must stop start-up, not just log.
         self.listener._raiseSynchronously = True
-        self.listener.setServiceParent(self)
+        self.listener.setServiceParent(self.drain)
         # After the listener: READY=1 once it listens; MultiService stops
         # children in reverse, so STOPPING=1 goes out before the port closes.
         self.notifier = SystemdNotifier(reactor, ready=self.listening)
@@ -87,6 +117,7 @@ class GatewayService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        yield self.drain.stopService()
         yield super().stopService()
         yield self.client.close()
 

@@ -14,6 +14,7 @@ from twisted.web import http, server
 
 from deltagw.errors import BadRequest, json_body, problem_document
 from deltagw.logs import get_logger
+from deltagw.metrics import Metrics
 
 _access_log = get_logger(component="access")
 
@@ -68,9 +69,12 @@ class GatewayRequest(server.Request):
 
     def note_upstream(self, service: str, started: float, failure: str | None) -> None:
         """Record an upstream call for the access log."""
-        reactor = self.channel.site.reactor
+        site = self.channel.site
+        elapsed = site.reactor.seconds() - started
         self.log_fields["upstream"] = service
-        self.log_fields["upstream_latency_ms"] = round((reactor.seconds() - started) * 1000, 3)
+        self.log_fields["upstream_latency_ms"] = round(elapsed * 1000, 3)
+        if site.metrics is not None:
+            site.metrics.observe_upstream(service, elapsed, failure)
         if failure is not None:
             self.log_fields["upstream_failure"] = failure
             self.outcome = self.outcome or f"upstream_{failure}"
@@ -111,10 +115,13 @@ class GatewaySite(server.Site):
     requestFactory = GatewayRequest
     protocol = GatewayChannel
 
-    def __init__(self, resource: Any, settings: Any, reactor: Any) -> None:
+    def __init__(
+        self, resource: Any, settings: Any, reactor: Any, metrics: Metrics | None = None
+    ) -> None:
         super().__init__(resource, reactor=reactor, timeout=settings.client_timeout)
         self.settings = settings
         self.reactor = reactor
+        self.metrics = metrics
 
     def log(self, request: GatewayRequest) -> None:  # type: ignore[override]
         if request.started:
@@ -123,13 +130,16 @@ class GatewaySite(server.Site):
     def log_response(self, request: GatewayRequest, status: int) -> None:
         """Write the access log event for a finished (or abandoned) request."""
         outcome = request.outcome or ("ok" if status < 400 else "error")
+        latency = self.reactor.seconds() - request.started
+        if self.metrics is not None:
+            self.metrics.observe_request(request.route, request.method, status, latency)
         _access_log.msg(
             "outgoing_response",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),
             route=request.route,
             status_code=status,
-            latency_ms=round((self.reactor.seconds() - request.started) * 1000, 3),
+            latency_ms=round(latency * 1000, 3),
             request_id=request.request_id.decode("ascii"),
             client=request.client_address,
             outcome=outcome,

@@ -1,0 +1,273 @@
+"""Prometheus metrics of one gateway (DESIGN §4: "... ▸ access log ▸ metrics").
+
+Every label value is drawn from a closed set, so no client can grow the
+number of series: ``route`` is a route template from the table or
+``unmatched``, ``method`` one of seven methods or ``other``, ``service`` a
+service of the table, ``group`` a route group. A scan of a million unknown
+paths costs one ``unmatched`` series, not a million.
+
+Each gateway owns a `Metrics` with its own ``CollectorRegistry`` (never
+prometheus_client's global one): tests and several gateways in one process
+(``--demo``) do not share or collide on counters.
+
+Labelled children are cached in plain dicts keyed by the label tuple, so a
+request costs one dict lookup per metric instead of prometheus_client's
+locked ``labels()`` call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from deltagw.routes import ROUTES, SERVICES, Route, Service
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+"""The text exposition format `generate_latest` writes (prometheus_client's
+CONTENT_TYPE_LATEST now names a newer format, so it is spelled out here)."""
+
+UNMATCHED = "unmatched"
+OTHER = "other"
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Seconds: a cached local answer takes ~1 ms, a slow analytics call ~10 s."""
+
+UPSTREAM_BUCKETS = REQUEST_BUCKETS + (30.0,)
+"""Upstream calls also reach ANALYTICS_TIMEOUT (30 s by default)."""
+
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
+"""``deltagw.breaker`` state names -> gauge value."""
+
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
+
+NOT_TIMED_REASONS = frozenset({"shed", "circuit_open"})
+"""Failures where no upstream call was made: counted, but their (near zero)
+durations would only drag the upstream latency histogram down."""
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own.
+
+    Args:
+        routes: The route table; its templates are the only ``route`` values.
+        services: The upstream services; their names are the only
+            ``service`` values (their circuit and in-flight gauges start at 0).
+    """
+
+    def __init__(
+        self, routes: Iterable[Route] = ROUTES, services: Iterable[Service] = SERVICES
+    ) -> None:
+        routes = tuple(routes)
+        self.registry = CollectorRegistry(auto_describe=True)
+        # Every public template (both prefixes) is accepted, so a caller that
+        # labels with the /api/v1 form still gets a bounded label.
+        self._routes = frozenset(path for route in routes for path in route.public_paths)
+        self._groups = frozenset(route.group for route in routes)
+        self._services = frozenset(service.name for service in services)
+
+        self._requests = Counter(
+            "deltagw_http_requests", "Requests answered, by route template, method and status.",
+            ("route", "method", "status"), registry=self.registry,
+        )
+        self._request_seconds = Histogram(
+            "deltagw_http_request_duration_seconds",
+            "Time from the request reaching the gateway to the end of its response.",
+            ("route",), buckets=REQUEST_BUCKETS, registry=self.registry,
+        )
+        self._upstream_seconds = Histogram(
+            "deltagw_upstream_request_duration_seconds",
+            "Time until an upstream's response headers arrived (or the call failed).",
+            ("service",), buckets=UPSTREAM_BUCKETS, registry=self.registry,
+        )
+        self._upstream_failures = Counter(
+            "deltagw_upstream_failures", "Upstream calls that failed, by service and reason.",
+            ("service", "reason"), registry=self.registry,
+        )
+        self._rate_limited = Counter(
+            "deltagw_rate_limited", "Requests refused with 429, by route group.",
+            ("group",), registry=self.registry,
+        )
+        self._circuit = Gauge(
+            "deltagw_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ("service",), registry=self.registry,
+        )
+        self._in_flight = Gauge(
+            "deltagw_upstream_in_flight", "Upstream calls in progress.",
+            ("service",), registry=self.registry,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+        for name in sorted(self._services):
+            self._child(self._circuit, name).set(0)
+            self._child(self._in_flight, name).set(0)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def route_label(self, route: str | None) -> str:
+        """``route`` if it is a template of the table, else ``unmatched``."""
+        return route if route in self._routes else UNMATCHED
+
+    @staticmethod
+    def method_label(method: str | bytes) -> str:
+        """The method, or ``other`` for any method outside `METHODS`."""
+        if isinstance(method, bytes):
+            method = method.decode("ascii", "replace")
+        return method if method in METHODS else OTHER
+
+    def _service_label(self, service: str) -> str:
+        return service if service in self._services else OTHER
+
+    def observe_request(
+        self, route: str | None, method: str | bytes, status: int, seconds: float
+    ) -> None:
+        """Count one answered (or abandoned: status 499) request and its duration.
+
+        Args:
+            route: The matched route template (``request.route``), or None.
+            method: The request method.
+            status: The response status.
+            seconds: From arrival to the end of the response.
+        """
+        route_label = self.route_label(route)
+        status_label = str(status) if 100 <= status <= 599 else OTHER
+        self._child(self._requests, route_label, self.method_label(method), status_label).inc()
+        self._child(self._request_seconds, route_label).observe(max(0.0, seconds))
+
+    def observe_upstream(
+        self, service: str, seconds: float | None, failure_reason: str | None = None
+    ) -> None:
+        """Record one upstream call.
+
+        Args:
+            service: The service name (``storage``).
+            seconds: Time to response headers or to the failure; None to
+                count a failure only. Ignored for ``body_*`` reasons (the
+                call's headers were observed already) and for `NOT_TIMED_REASONS`
+                (no call was made), so this can be fed every
+                ``request.note_upstream`` as it comes.
+            failure_reason: Why it failed (``timeout``, ``refused``,
+                ``body_timeout``, ``shed``, ...) or None on success. Reasons
+                come from code, not clients; anything not shaped like one is
+                ``other``.
+        """
+        label = self._service_label(service)
+        if failure_reason is not None and (
+            failure_reason in NOT_TIMED_REASONS or failure_reason.startswith("body_")
+        ):
+            # A body failure comes after the same call's headers were
+            # already observed; shed and circuit_open made no call at all.
+            seconds = None
+        if seconds is not None:
+            self._child(self._upstream_seconds, label).observe(max(0.0, seconds))
+        if failure_reason is not None:
+            reason = failure_reason if _REASON.match(failure_reason) else OTHER
+            self._child(self._upstream_failures, label, reason).inc()
+
+    def rate_limited(self, group: str) -> None:
+        """Count one request refused by the rate limiter."""
+        self._child(self._rate_limited, group if group in self._groups else OTHER).inc()
+
+    def circuit_state(self, service: str, state: str) -> None:
+        """Set a service's breaker state (``closed``, ``half_open``, ``open``).
+
+        Fits `deltagw.breaker.CircuitBreaker`'s ``on_transition`` callback:
+        ``on_transition=lambda name, old, new: metrics.circuit_state(name, new)``.
+
+        Raises:
+            ValueError: an unknown state (a programming error).
+        """
+        try:
+            value = CIRCUIT_STATES[state]
+        except KeyError:
+            raise ValueError(f"unknown circuit state {state!r}") from None
+        self._child(self._circuit, self._service_label(service)).set(value)
+
+    def in_flight(self, service: str, delta: int) -> None:
+        """Add ``delta`` (+1 when a call starts, -1 when it ends) to a service's gauge."""
+        self._child(self._in_flight, self._service_label(service)).inc(delta)
+
+    def watch(
+        self, in_flight: Mapping[str, int] | None = None, breakers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Read the in-flight and circuit gauges from the proxy at scrape time.
+
+        An alternative to calling `in_flight` and `circuit_state` on every
+        change: the proxy already keeps both (``Proxy.in_flight``,
+        ``Proxy.breakers``), so the gauges just read them when scraped and
+        the request path does nothing at all. After this, the gauges of the
+        watched services ignore `in_flight` / `circuit_state` calls.
+
+        Args:
+            in_flight: Calls in flight by service name.
+            breakers: Objects with a ``state`` (``closed``, ``half_open``,
+                ``open``) by service name.
+        """
+        if in_flight is not None:
+            for name in in_flight:
+                self._child(self._in_flight, self._service_label(name)).set_function(
+                    _reader(in_flight, name)
+                )
+        for name, breaker in (breakers or {}).items():
+            self._child(self._circuit, self._service_label(name)).set_function(
+                _state_reader(breaker)
+            )
+
+    def render(self) -> tuple[bytes, bytes]:
+        """The exposition: ``(body, content type)`` for a ``/metrics`` answer."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+def _reader(counts: Mapping[str, int], name: str) -> Callable[[], float]:
+    return lambda: float(counts.get(name, 0))
+
+
+def _state_reader(breaker: Any) -> Callable[[], float]:
+    return lambda: float(CIRCUIT_STATES.get(breaker.state, 0))
+
+
+def parse_allow(text: str) -> tuple[Network, ...]:
+    """Parse METRICS_ALLOW: comma-separated CIDRs or addresses; empty = everyone.
+
+    Raises:
+        ValueError: an entry that is not an address or network.
+    """
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+    )
+
+
+def metrics_allowed(client_address: str, allow: tuple[Network, ...]) -> bool:
+    """Whether ``client_address`` may read the metrics.
+
+    Args:
+        client_address: The client as the gateway believes it
+            (``request.client_address``: the peer, or the X-Forwarded-For
+            entry a trusted proxy vouches for).
+        allow: Networks from METRICS_ALLOW; empty allows everyone.
+
+    Returns:
+        True when ``allow`` is empty or holds the address. An address that
+        is not an IP (a UNIX socket peer, ``-``) is refused when a list is set.
+    """
+    if not allow:
+        return True
+    try:
+        address = ipaddress.ip_address(client_address)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow)
