@@ -15,12 +15,14 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from deltagw.auth import Identity
 from deltagw.authentication import Authenticator
+from deltagw.bff import Composer
 from deltagw.config import Settings
 from deltagw.cors import CorsPolicy
 from deltagw.docs_ui import SwaggerUIResource
@@ -31,7 +33,7 @@ from deltagw.errors import (
     MethodNotAllowed,
     NotFound,
     RateLimited,
-    json_body,
+    json_response,
     write_error,
 )
 from deltagw.headers import chained, forwarded_element, is_trusted_peer, upstream_request_headers
@@ -101,6 +103,7 @@ class Gateway:
         # Gateway in a test) the gateway is ready while it serves.
         self.readiness = readiness or (lambda: (200, {"status": "ready", "upstreams": {}}))
         self.docs_ui = SwaggerUIResource(spec_url="/api/docs", base_path="/api/docs/ui")
+        self.composer = Composer(settings, reactor, proxy, self.metrics, upstream_path)
         self._local = {
             "health": self._health,
             "health_ready": self._health_ready,
@@ -130,21 +133,35 @@ class Gateway:
         if decision is not None:
             for name, value in decision.headers():
                 request.setHeader(name, value)
+        if route.composed:
+            # Backend for Frontend (issue 7): the parts are called in parallel,
+            # each as a forwarded call of its own row would be.
+            return await self.composer.compose(
+                route, request, params,
+                lambda part_row: self._upstream_headers(request, part_row, identity),
+            )
         if route.service is None:
             return self._local[route.name](request, identity)
         url = self._upstream_url(route, request, params)
+        headers = self._upstream_headers(request, route, identity)
+        timeout = self.settings.upstream_timeout(route.service.name)
+        await self.proxy.forward(request, route.service, url, headers, timeout)
+        return None
+
+    def _upstream_headers(self, request: Any, route: Route, identity: Identity | None) -> Headers:
+        """The header fields of one upstream request made for ``request``.
+
+        Built afresh per upstream call: each gets its own trace span id.
+        """
         added = self._forwarding_fields(request)
         if identity is not None:
             added += [
                 (b"X-User-ID", identity.user_id.encode("utf-8")),
                 (b"X-User-Email", identity.email.encode("utf-8")),
             ]
-        headers = upstream_request_headers(
+        return upstream_request_headers(
             request.requestHeaders, pass_authorization=route.pass_authorization, added=added
         )
-        timeout = self.settings.upstream_timeout(route.service.name)
-        await self.proxy.forward(request, route.service, url, headers, timeout)
-        return None
 
     def _upstream_url(self, route: Route, request: Any, params: dict[str, str]) -> str:
         url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
@@ -184,18 +201,15 @@ class Gateway:
         return fields
 
     def _health(self, request: Any, identity: Identity | None) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        return json_body({"status": "healthy", "service": self.settings.service_name})
+        return json_response(request, {"status": "healthy", "service": self.settings.service_name})
 
     def _health_ready(self, request: Any, identity: Identity | None) -> bytes:
         status, document = self.readiness()
         request.setResponseCode(status)
-        request.setHeader(b"Content-Type", b"application/json")
-        return json_body(document)
+        return json_response(request, document)
 
     def _user_me(self, request: Any, identity: Identity) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        return json_body({"user_id": identity.user_id, "email": identity.email})
+        return json_response(request, {"user_id": identity.user_id, "email": identity.email})
 
     def _docs(self, request: Any, identity: Identity | None) -> bytes:
         document = openapi_document(
@@ -203,8 +217,7 @@ class Gateway:
             self.settings.require_auth,
             server_url(request.isSecure(), request.getHeader(b"host")),
         )
-        request.setHeader(b"Content-Type", b"application/json")
-        return json_body(document)
+        return json_response(request, document)
 
     def _docs_ui(self, request: Any, identity: Identity | None) -> IResource:
         # A branch route: Klein has put /api/docs/ui in prepath and the rest

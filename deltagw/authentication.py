@@ -15,7 +15,7 @@ from deltagw.auth import (
     parse_bearer,
 )
 from deltagw.errors import AuthServiceUnavailable, Unauthorized
-from deltagw.routes import AUTH, Route
+from deltagw.routes import AUTH, Route, part_route
 
 REQUIRED = "required"
 OPTIONAL = "optional"
@@ -27,10 +27,16 @@ def auth_policy(route: Route, require_auth: frozenset[str]) -> str:
 
     The auth routes ignore tokens (logout passes its Authorization through
     to the auth service, which judges it); the user routes always need one;
-    data and analytics need one when REQUIRE_AUTH lists their group.
+    data and analytics need one when REQUIRE_AUTH lists their group. A
+    composed route (issue 7) shows what its parts' rows show, so it needs a
+    token whenever one of those rows would (REQUIRE_AUTH=analytics protects
+    the overview's put/call ratios too), and otherwise takes one if given.
     """
     if route.group == "user" or route.group in require_auth:
         return REQUIRED
+    if route.composed:
+        policies = {auth_policy(part_route(part), require_auth) for part in route.parts}
+        return REQUIRED if REQUIRED in policies else OPTIONAL
     if route.service is None or route.service is AUTH:
         return UNUSED
     return OPTIONAL

@@ -200,6 +200,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_in_flight", "MAX_IN_FLIGHT", "256", _positive_int),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
+    Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
+    Setting("upstream_ca_file", "UPSTREAM_CA_FILE", "", _optional_text),
+    Setting("upstream_client_cert", "UPSTREAM_CLIENT_CERT", "", _optional_text),
+    Setting("upstream_client_key", "UPSTREAM_CLIENT_KEY", "", _optional_text),
+    Setting("workers", "WORKERS", "1", _positive_int, "workers",
+            "Worker processes serving PORT (more than 1: a parent binds it once and "
+            "supervises them)."),
 )
 
 
@@ -243,6 +250,11 @@ class Settings:
     max_in_flight: int
     shutdown_grace: float
     metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    upstream_tls_verify: bool
+    upstream_ca_file: str | None
+    upstream_client_cert: str | None
+    upstream_client_key: str | None
+    workers: int
 
     def upstream_url(self, service: str) -> str:
         """The base URL of a service named in the route table."""

@@ -44,7 +44,7 @@ class RequestTracker(Resource):
 
     def __init__(self, wrapped: IResource) -> None:
         super().__init__()
-        self._wrapped = wrapped
+        self.wrapped = wrapped
         self.in_flight = 0
         self.draining = False
         self._idle: list[defer.Deferred[None]] = []
@@ -58,7 +58,7 @@ class RequestTracker(Resource):
             request.channel.persistent = False
         self.in_flight += 1
         request.notifyFinish().addBoth(self._finished)
-        return self._wrapped.render(request)
+        return self.wrapped.render(request)
 
     def _finished(self, _: object) -> None:
         self.in_flight -= 1

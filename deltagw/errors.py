@@ -92,6 +92,19 @@ class PayloadTooLarge(GatewayError):
     outcome = "body_too_large"
 
 
+_OUTCOME_OF_REASON = {
+    "circuit_open": "circuit_open",
+    "shed": "shed",
+    "body_timeout": "upstream_timeout",
+    "body_reset": "upstream_reset",
+}
+
+
+def upstream_outcome(reason: str) -> str:
+    """The access log ``outcome`` of an upstream failure reason (issue 8)."""
+    return _OUTCOME_OF_REASON.get(reason, f"upstream_{reason}")
+
+
 class UpstreamUnavailable(GatewayError):
     """The upstream could not give an answer: refused, reset, timed out, ...
 
@@ -109,7 +122,7 @@ class UpstreamUnavailable(GatewayError):
         )
         self.service = service
         self.reason = reason
-        self.outcome = f"upstream_{reason}"
+        self.outcome = upstream_outcome(reason)
 
 
 class AuthServiceUnavailable(UpstreamUnavailable):
@@ -124,6 +137,20 @@ class AuthServiceUnavailable(UpstreamUnavailable):
 def json_body(document: object) -> bytes:
     """Compact JSON, as every gateway-made body is encoded."""
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(
+    request: IRequest, document: object, content_type: bytes = b"application/json"
+) -> bytes:
+    """Encode a gateway-made JSON answer and set its Content-Type and Content-Length.
+
+    With the length known, twisted.web sends the body as it is instead of
+    chunking it.
+    """
+    body = json_body(document)
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 PROBLEM_JSON = b"application/problem+json"
@@ -155,9 +182,10 @@ def wants_problem_json(accept: bytes | None) -> bool:
 def write_error(request: IRequest, error: GatewayError) -> bytes:
     """Set the status and headers of ``error`` on ``request``; return its body."""
     request.setResponseCode(error.status)
-    content_type = PROBLEM_JSON if wants_problem_json(request.getHeader(b"accept")) else b"application/json"
-    request.setHeader(b"Content-Type", content_type)
     for name, value in error.headers:
         request.setHeader(name, value)
     request_id = getattr(request, "request_id", b"").decode("ascii") or None
-    return json_body(problem_document(error.status, error.message, request_id))
+    content_type = PROBLEM_JSON if wants_problem_json(request.getHeader(b"accept")) else b"application/json"
+    return json_response(
+        request, problem_document(error.status, error.message, request_id), content_type
+    )

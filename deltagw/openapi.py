@@ -67,7 +67,20 @@ _STRING: Schema = {"type": "string"}
 _NUMBER: Schema = {"type": "number"}
 _INTEGER: Schema = {"type": "integer"}
 _DATE: Schema = {"type": "string", "format": "date"}
-_PUBLIC_USER = _object({"id": _STRING, "email": _STRING, "name": _STRING})
+# The reference auth service numbers its users (an SQLite rowid); /api/user/me
+# carries the same id as a string, since it comes from the token's "sub".
+_PUBLIC_USER = _object({"id": _INTEGER, "email": _STRING, "name": _STRING})
+_ATM_QUOTE = _object({
+    "last_price": {"type": "number", "nullable": True},
+    "iv": {"type": "number", "nullable": True},
+})
+
+
+def _nullable(schema: Schema) -> Schema:
+    """``schema`` or null (OpenAPI 3.0 spells it ``nullable``)."""
+    return {**schema, "nullable": True}
+
+
 _OPTION_QUOTE = _object({
     "strike": _NUMBER, "last_price": _NUMBER, "bid": _NUMBER, "ask": _NUMBER,
     "volume": _INTEGER, "open_interest": _INTEGER, "iv": _NUMBER,
@@ -136,6 +149,50 @@ SUCCESS: dict[str, Success] = {
         "strikes": {"type": "array", "items": _NUMBER},
         "surface": {"type": "array", "items": {}},
     })),
+    "bff_overview": Success(
+        "The overview, composed by the gateway from parallel calls to storage and "
+        "analytics. A part that failed is null and named in `errors`; the answer is "
+        "404 only when every part answered 404, 503 only when no part succeeded.",
+        _object({
+            "product": _STRING,
+            "underlying": _nullable(_object({
+                "price": {"type": "number", "nullable": True},
+                "timestamp": {"type": "string", "format": "date-time", "nullable": True},
+            }, required=("price", "timestamp"))),
+            "chain": _nullable(_object({
+                "spot": {"type": "number", "nullable": True},
+                "expiry": {"type": "string", "format": "date", "nullable": True},
+                "expiries": {"type": "integer", "nullable": True,
+                             "description": "Number of listed expiries."},
+                "strikes": {"type": "integer", "description": "Number of strikes."},
+                "atm": _nullable(_object({
+                    "strike": _NUMBER,
+                    "call": _nullable(_ATM_QUOTE),
+                    "put": _nullable(_ATM_QUOTE),
+                }, required=("strike", "call", "put"), description="The strike nearest spot.")),
+                "total_call_oi": _INTEGER,
+                "total_put_oi": _INTEGER,
+            }, required=("spot", "expiry", "strikes", "atm", "total_call_oi", "total_put_oi"))),
+            "pcr": _nullable(_object({
+                "expiry": {"type": "string", "format": "date", "nullable": True},
+                "pcr_oi": _NUMBER,
+                "pcr_volume": _NUMBER,
+                "total_call_oi": _INTEGER,
+                "total_put_oi": _INTEGER,
+                "total_call_volume": _INTEGER,
+                "total_put_volume": _INTEGER,
+            })),
+            "errors": {"type": "array", "items": _object({
+                "part": {"type": "string", "enum": ["underlying", "chain", "pcr"]},
+                "service": {"type": "string", "enum": ["storage", "analytics"]},
+                "reason": {"type": "string", "description": (
+                    'Why the part is missing: "status <code>" for an upstream answer '
+                    'that was not 2xx, else "timeout", "refused", "reset", "unreachable", '
+                    '"invalid_response", "circuit_open", "shed", "body_timeout", ...'
+                )},
+            }, required=("part", "service", "reason"), loose=False)},
+        }, required=("product", "underlying", "chain", "pcr", "errors")),
+    ),
     "user_me": Success(
         "The verified identity.",
         _object({"user_id": _STRING, "email": _STRING}, required=("user_id", "email"), loose=False),
@@ -192,6 +249,26 @@ PATH_PARAMS: dict[str, tuple[str, str]] = {
     "product": ("Product symbol as listed by /api/data/products.", "NIFTY"),
 }
 """Description and example of path parameters by name (default: plain string)."""
+
+PATH_VALUE_PATTERN = r"^\.?(?:[^./\\\x00-\x1f\x7f]+\.)*[^./\\\x00-\x1f\x7f]+\.?$"
+"""What the gateway lets through as a path parameter value (DESIGN §2).
+
+The positive form of ``deltagw.app._UNSAFE_PARAM``: no control character,
+``/`` or ``\\``, no ``..`` anywhere, and not ``.`` alone — every other value
+is forwarded, and these are answered 400 by the gateway itself. Written
+without look-arounds so that every generator and validator reads it alike
+(tests/test_schemathesis.py checks that the two agree).
+"""
+
+_DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+QUERY_PARAMS: dict[str, Schema] = {
+    "expiry": {"type": "string", "format": "date", "pattern": _DATE_PATTERN},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+}
+"""Query parameter schemas by name, where the reference backends accept
+less than the route table's plain type says (they answer 400 otherwise).
+The gateway itself forwards every query string whole."""
 
 _QUERY_TYPES: dict[str, Schema] = {
     "string": _STRING,
@@ -314,7 +391,8 @@ def _parameters(route: Route) -> list[Schema]:
         description, example = PATH_PARAMS.get(name, (f"The {name}.", None))
         parameter: Schema = {
             "name": name, "in": "path", "required": True,
-            "description": description, "schema": {"type": "string", "minLength": 1},
+            "description": description,
+            "schema": {"type": "string", "pattern": PATH_VALUE_PATTERN},
         }
         if example is not None:
             parameter["example"] = example
@@ -328,7 +406,7 @@ def _query_parameter(query: QueryParam) -> Schema:
     return {
         "name": query.name, "in": "query", "required": False,
         "description": query.description,
-        "schema": dict(_QUERY_TYPES.get(query.type, _STRING)),
+        "schema": dict(QUERY_PARAMS.get(query.name) or _QUERY_TYPES.get(query.type, _STRING)),
     }
 
 

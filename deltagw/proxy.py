@@ -10,10 +10,14 @@ gateway's memory.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from http.cookiejar import CookieJar
 from typing import IO, Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -53,6 +57,13 @@ _log = get_logger(component="proxy")
 SHED_RETRY_AFTER = 1
 """``Retry-After`` (seconds) of a shed request: the overload is momentary
 (one slot frees as soon as any in-flight call ends)."""
+
+MAX_JSON_BYTES = 4 * 1024 * 1024
+"""Largest body `Proxy.fetch_json` buffers: a composed answer reads small
+JSON documents, never a stream."""
+
+Note = Callable[[str, float, str | None], None]
+"""Records one upstream call: ``(service name, started, failure or None)``."""
 
 
 class _ConnectionHonouringProtocol(_newclient.HTTP11ClientProtocol):
@@ -137,7 +148,11 @@ class UpstreamClient:
     """
 
     def __init__(
-        self, reactor: Any, max_idle_per_host: int, idle_timeout: float
+        self,
+        reactor: Any,
+        max_idle_per_host: int,
+        idle_timeout: float,
+        tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool._factory = _ConnectionHonouringFactory
@@ -145,7 +160,9 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = max_idle_per_host
         self.pool.cachedConnectionTimeout = idle_timeout
         agent = Agent.usingEndpointFactory(
-            reactor, _UpstreamEndpoints(reactor, BrowserLikePolicyForHTTPS()), pool=self.pool
+            reactor,
+            _UpstreamEndpoints(reactor, tls_policy or BrowserLikePolicyForHTTPS()),
+            pool=self.pool,
         )
         self.http = HTTPClient(agent, cookiejar=_NoCookies())
 
@@ -162,8 +179,12 @@ def failure_reason(failure: Failure) -> str:
         return "refused"
     if failure.check(error.DNSLookupError, error.NoRouteError, error.ConnectError):
         return "unreachable"
+    if failure.check(SSL.Error, VerificationError):
+        return "tls"
     if failure.check(_newclient._WrapperException):
         reasons = failure.value.reasons
+        if any(r.check(SSL.Error, VerificationError) for r in reasons):
+            return "tls"
         if any(r.check(_newclient.ParseError, _newclient.BadHeaders) for r in reasons):
             return "invalid_response"
         return "reset"
@@ -289,27 +310,100 @@ class Proxy:
                 headers arrived (refused, reset, timed out, invalid HTTP).
         """
         started = self._reactor.seconds()
-        if self.in_flight[service.name] >= self._max_in_flight:
-            request.note_upstream(service.name, started, "shed")
-            raise UpstreamUnavailable(service, "shed", SHED_RETRY_AFTER)
-        breaker = self.breakers[service.name]
-        try:
-            breaker.acquire()
-        except CircuitOpen as e:
-            request.note_upstream(service.name, started, "circuit_open")
-            raise UpstreamUnavailable(service, "circuit_open", math.ceil(e.retry_after)) from None
+        breaker = self._admit(service, started, request.note_upstream)
         self.in_flight[service.name] += 1
         try:
             response = await self._response_headers(
-                request, service, url, headers, timeout, breaker, started
+                request.method, lambda: _body_of(request), request.note_upstream,
+                service, url, headers, timeout, breaker, started,
             )
             await self._relay(request, service, response, timeout, started)
         finally:
             self.in_flight[service.name] -= 1
 
+    async def fetch_json(
+        self,
+        service: Service,
+        url: str,
+        headers: Any,
+        timeout: float,
+        note: Note | None = None,
+        max_bytes: int = MAX_JSON_BYTES,
+    ) -> tuple[int, Any]:
+        """GET ``url`` and return its status and JSON body, buffered.
+
+        For the gateway's own composed answers (``deltagw.bff``): the call
+        passes the same in-flight cap, circuit breaker and retry policy as a
+        forwarded one, but its body is read into memory (at most
+        ``max_bytes``) instead of being relayed. The whole exchange, headers
+        and body, must end within ``timeout``.
+
+        Args:
+            service: The upstream service.
+            url: Full upstream URL, query included.
+            headers: Request header fields (``twisted.web.http_headers.Headers``).
+            timeout: Seconds for the whole call (the service's timeout).
+            note: Called as ``note(service_name, started, failure_or_None)``
+                for the headers' outcome and any body failure, like
+                ``GatewayRequest.note_upstream`` for forwarded calls.
+            max_bytes: Largest body accepted.
+
+        Returns:
+            ``(status, document)``: the upstream's status code and its body
+            parsed as JSON, or None when the body is empty or not JSON.
+
+        Raises:
+            UpstreamUnavailable: shed, circuit open, no response headers
+                (refused, reset, timed out, invalid HTTP), or the body
+                failed (``body_timeout``, ``body_reset``, ``body_too_large``).
+        """
+        note = note or _no_note
+        started = self._reactor.seconds()
+        breaker = self._admit(service, started, note)
+        self.in_flight[service.name] += 1
+        try:
+            response = await self._response_headers(
+                b"GET", lambda: None, note, service, url, headers, timeout, breaker, started
+            )
+            left = max(0.0, started + timeout - self._reactor.seconds())
+            try:
+                body = await _read_body(response, self._reactor, left, max_bytes)
+            except BodyInterrupted as e:
+                note(service.name, started, f"body_{e.reason}")
+                raise UpstreamUnavailable(service, f"body_{e.reason}") from None
+        finally:
+            self.in_flight[service.name] -= 1
+        try:
+            document = json.loads(body) if body else None
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            document = None
+        return response.code, document
+
+    def _admit(self, service: Service, started: float, note: Note) -> CircuitBreaker:
+        """Let a call through the in-flight cap and the breaker, or refuse it.
+
+        Returns:
+            The service's breaker, acquired: the caller must settle it.
+
+        Raises:
+            UpstreamUnavailable: ``shed`` or ``circuit_open``.
+        """
+        if self.in_flight[service.name] >= self._max_in_flight:
+            note(service.name, started, "shed")
+            raise UpstreamUnavailable(service, "shed", SHED_RETRY_AFTER)
+        breaker = self.breakers[service.name]
+        try:
+            breaker.acquire()
+        except CircuitOpen as e:
+            note(service.name, started, "circuit_open")
+            raise UpstreamUnavailable(service, "circuit_open", math.ceil(e.retry_after)) from None
+        return breaker
+
     async def _response_headers(
         self,
-        request: Any,
+        method: bytes,
+        body: Callable[[], FileBodyProducer | None],
+        note: Note,
         service: Service,
         url: str,
         headers: Any,
@@ -319,10 +413,9 @@ class Proxy:
     ) -> IResponse:
         """Wait for the upstream's response headers, retrying where safe.
 
-        Settles the breaker call that ``forward`` acquired: the headers (or
+        Settles the breaker call that `_admit` acquired: the headers (or
         their absence) are all the breaker judges.
         """
-        method = request.method
 
         def attempt() -> defer.Deferred[IResponse]:
             # A fresh producer per attempt: FileBodyProducer closes its file
@@ -331,7 +424,7 @@ class Proxy:
                 method.decode("ascii"),
                 url,
                 headers=headers,
-                data=_body_of(request),
+                data=body(),
                 unbuffered=True,
                 allow_redirects=False,
             )
@@ -352,13 +445,13 @@ class Proxy:
             else:
                 breaker.record_failure()
             reason = failure_reason(failure)
-            request.note_upstream(service.name, started, reason)
+            note(service.name, started, reason)
             raise UpstreamUnavailable(service, reason) from None
         if is_failure_status(response.code):
             breaker.record_failure()
         else:
             breaker.record_success()
-        request.note_upstream(service.name, started, None)
+        note(service.name, started, None)
         return response
 
     async def _relay(
@@ -384,6 +477,68 @@ class Proxy:
 _NO_RETRY = RetryPolicy(retries=0)
 
 
+def _no_note(service: str, started: float, failure: str | None) -> None:
+    return None
+
+
+class _BodyCollector(Protocol):
+    """Buffers a response body up to a size, before a deadline."""
+
+    def __init__(self, reactor: IReactorTime, timeout: float, max_bytes: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._max_bytes = max_bytes
+        self._timer = reactor.callLater(timeout, self.fail, "timeout")
+        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._max_bytes:
+            self.fail("too_large")
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        if self._timer.active():
+            self._timer.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(BodyInterrupted("reset"))
+
+    def fail(self, reason: str) -> None:
+        """End the read with `BodyInterrupted` and close the connection."""
+        if not self.done.called:
+            self.done.errback(BodyInterrupted(reason))
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        # Stopping closes the connection: an unread body would otherwise
+        # keep it out of the pool.
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def _read_body(
+    response: IResponse, reactor: IReactorTime, timeout: float, max_bytes: int
+) -> defer.Deferred[bytes]:
+    """The whole body of ``response``; cancelling the Deferred stops the read.
+
+    Raises (through the Deferred):
+        BodyInterrupted: ``timeout``, ``too_large`` or ``reset``.
+    """
+    collector = _BodyCollector(reactor, timeout, max_bytes)
+    response.deliverBody(collector)
+    if response.length is not UNKNOWN_LENGTH and response.length > max_bytes:
+        # Content-Length says it already: refuse before reading a byte.
+        collector.fail("too_large")
+    return collector.done
+
+
 def _as_timeout(result: object, timeout: float) -> None:
     """Turn whatever a timed-out call failed with into one ``defer.TimeoutError``.
 
@@ -398,7 +553,7 @@ def _was_cancelled(failure: Failure) -> bool:
     """Tell whether a call failed because we cancelled it (not a timeout)."""
     if failure.check(defer.TimeoutError):
         return False
-    if failure.check(defer.CancelledError):
+    if failure.check(defer.CancelledError, error.ConnectingCancelledError):
         return True
     return bool(
         failure.check(_newclient._WrapperException)

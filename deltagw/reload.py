@@ -60,7 +60,11 @@ def settings_with_file(
     return load_settings(layered, options)
 
 
-RESTART_ONLY = ("port", "max_idle_per_host", "idle_upstream_timeout")
+RESTART_ONLY = (
+    "port", "max_idle_per_host", "idle_upstream_timeout", "breaker_failures", "breaker_reset",
+    "retries", "max_in_flight", "shutdown_grace", "upstream_tls_verify", "upstream_ca_file",
+    "upstream_client_cert", "upstream_client_key",
+)
 """Settings a running process cannot change: they shape what it already opened."""
 
 

@@ -47,6 +47,24 @@ class QueryParam:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One upstream call of a composed route (a Backend for Frontend, issue 7).
+
+    The call is the upstream half of an existing row, so it inherits that
+    row's service, upstream path, timeout, breaker and auth group.
+
+    Attributes:
+        name: Key of the part in the combined document (``chain``).
+        route: Name of the row whose upstream it calls (``data_chain``).
+        query: Fixed query string sent with it (``limit=1``), without ``?``.
+    """
+
+    name: str
+    route: str
+    query: str = ""
+
+
+@dataclass(frozen=True)
 class Route:
     """One public route.
 
@@ -66,6 +84,9 @@ class Route:
             that live outside ``/api``).
         subtree: Also answers every path below ``path`` (a Klein
             ``branch=True`` route): Swagger UI's asset files.
+        parts: For a composed route (``service`` None): the upstream calls
+            the gateway makes in parallel and combines into one answer
+            (``deltagw.bff``).
     """
 
     name: str
@@ -79,6 +100,7 @@ class Route:
     pass_authorization: bool = False
     versioned: bool = True
     subtree: bool = False
+    parts: tuple[Part, ...] = ()
     params: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +112,11 @@ class Route:
         if not self.versioned:
             return (self.path,)
         return tuple(prefix + self.path for prefix in API_PREFIXES)
+
+    @property
+    def composed(self) -> bool:
+        """Whether the gateway answers by combining upstream calls (``parts``)."""
+        return bool(self.parts)
 
     @property
     def template(self) -> str:
@@ -124,6 +151,16 @@ ROUTES: tuple[Route, ...] = (
     Route("analytics_volatility_surface", "analytics", "GET",
           "/analytics/volatility-surface/{product}", ANALYTICS,
           "/volatility-surface/{product}", "Implied volatility surface."),
+    # Group "data": REQUIRE_AUTH=data protects it like the chain it shows;
+    # a composed route also needs a token whenever any of its parts' rows
+    # would (deltagw.authentication.auth_policy), so it cannot leak them.
+    Route("bff_overview", "data", "GET", "/bff/overview/{product}", None, None,
+          "Dashboard overview: latest tick, chain summary and put/call ratios in one call.",
+          parts=(
+              Part("underlying", "data_underlying", query="limit=1"),
+              Part("chain", "data_chain"),
+              Part("pcr", "analytics_pcr"),
+          )),
     Route("user_me", "user", "GET", "/user/me", None, None,
           "The identity behind the bearer token."),
     Route("health", "meta", "GET", "/health", None, None,
@@ -140,3 +177,28 @@ ROUTES: tuple[Route, ...] = (
 )
 
 ROUTES_BY_NAME: dict[str, Route] = {route.name: route for route in ROUTES}
+
+
+def part_route(part: Part) -> Route:
+    """The row whose upstream call ``part`` makes.
+
+    Raises:
+        KeyError: no such row, or it is not forwarded to a service.
+    """
+    route = ROUTES_BY_NAME[part.route]
+    if route.service is None or route.upstream_path is None:
+        raise KeyError(f"part {part.name!r}: route {part.route!r} has no upstream")
+    return route
+
+
+def _check_parts() -> None:
+    """Fail at import on a composed row whose parts do not fit its path."""
+    for route in ROUTES:
+        for part in route.parts:
+            target = part_route(part)
+            missing = set(target.params) - set(route.params)
+            if missing or route.service is not None:
+                raise ValueError(f"{route.name}: part {part.name!r} cannot be composed")
+
+
+_check_parts()

@@ -13,7 +13,6 @@ from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
@@ -29,6 +28,8 @@ from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.retry import RetryPolicy
 from deltagw.site import GatewaySite
 from deltagw.systemd import SystemdNotifier
+from deltagw.tls import upstream_tls_policy
+from deltagw.workers import listen_endpoint
 
 
 def make_verifier(settings: Settings, reactor: Any, http: HTTPClient) -> Verifier:
@@ -55,6 +56,20 @@ def make_verifier(settings: Settings, reactor: Any, http: HTTPClient) -> Verifie
     return CachingVerifier(inner, reactor, ttl=settings.verify_cache_ttl)
 
 
+AUTH_FIELDS = (
+    "auth_url", "verify_timeout", "verify_cache_ttl", "jwt_secret", "jwt_public_key_file",
+    "require_auth",
+)
+RATE_LIMIT_FIELDS = (
+    "rate_limit_requests", "rate_limit_window", "rate_limit_auth_requests",
+    "rate_limit_auth_window", "rate_limit_max_keys", "rate_limit_fail_closed", "redis_url",
+)
+
+
+def _differ(old: Settings, new: Settings, names: tuple[str, ...]) -> bool:
+    return any(getattr(old, name) != getattr(new, name) for name in names)
+
+
 class GatewayService(MultiService):
     """The whole gateway: whatever it opens on start it closes on stop.
 
@@ -66,12 +81,14 @@ class GatewayService(MultiService):
     def __init__(self, settings: Settings, reactor: Any) -> None:
         super().__init__()
         self.settings = settings
+        self.reactor = reactor
         self.client = UpstreamClient(
-            reactor, settings.max_idle_per_host, settings.idle_upstream_timeout
+            reactor,
+            settings.max_idle_per_host,
+            settings.idle_upstream_timeout,
+            upstream_tls_policy(settings),
         )
-        authenticator = Authenticator(
-            make_verifier(settings, reactor, self.client.http), settings.require_auth
-        )
+        self.authenticator = self._authenticator(settings)
         self.limits = RateLimits(settings, reactor)
         self.limits.setServiceParent(self)
         self.proxy = Proxy(
@@ -85,15 +102,7 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         # The gauges read the proxy's own counters when scraped.
         self.metrics.watch(in_flight=self.proxy.in_flight, breakers=self.proxy.breakers)
-        self.gateway = Gateway(
-            settings,
-            reactor,
-            self.proxy,
-            authenticator,
-            self.limits,
-            metrics=self.metrics,
-            readiness=lambda: self.drain.readiness(),
-        )
+        self.gateway = self._gateway(settings)
         self.tracker = RequestTracker(self.gateway.resource())
         self.drain = DrainService(
             reactor, self.tracker, self.proxy.breakers, settings.shutdown_grace
@@ -101,7 +110,7 @@ class GatewayService(MultiService):
         self.drain.setServiceParent(self)
         self.site = GatewaySite(self.tracker, settings, reactor, metrics=self.metrics)
         self.listener = StreamServerEndpointService(
-            serverFromString(reactor, settings.port), self.site
+            listen_endpoint(reactor, settings), self.site
         )
         # A port that cannot be bound must stop start-up, not just log.
         self.listener._raiseSynchronously = True
@@ -110,6 +119,43 @@ class GatewayService(MultiService):
         # children in reverse, so STOPPING=1 goes out before the port closes.
         self.notifier = SystemdNotifier(reactor, ready=self.listening)
         self.notifier.setServiceParent(self)
+
+    def _authenticator(self, settings: Settings) -> Authenticator:
+        verifier = make_verifier(settings, self.reactor, self.client.http)
+        return Authenticator(verifier, settings.require_auth)
+
+    def _gateway(self, settings: Settings) -> Gateway:
+        return Gateway(
+            settings,
+            self.reactor,
+            self.proxy,
+            self.authenticator,
+            self.limits,
+            metrics=self.metrics,
+            readiness=lambda: self.drain.readiness(),
+        )
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Serve new requests under ``settings`` (a SIGHUP reload).
+
+        A new Gateway is built and swapped in as the resource; requests in
+        flight hold the old one and finish under it. The verification cache
+        and the rate-limit buckets are kept unless their own settings
+        changed. What the process has already opened (port, pool, breakers)
+        keeps its start-up settings (``deltagw.reload.RESTART_ONLY``).
+        """
+        old = self.settings
+        if _differ(old, settings, AUTH_FIELDS):
+            self.authenticator = self._authenticator(settings)
+        if _differ(old, settings, RATE_LIMIT_FIELDS):
+            previous, self.limits = self.limits, RateLimits(settings, self.reactor)
+            self.limits.setServiceParent(self)
+            previous.disownServiceParent()
+        self.gateway = self._gateway(settings)
+        self.tracker.wrapped = self.gateway.resource()
+        self.site.settings = settings
+        self.site.timeOut = settings.client_timeout
+        self.settings = settings
 
     def listening(self) -> defer.Deferred[Any]:
         """Fires with the listening port once the service has started."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.web import http, server
 
-from deltagw.errors import BadRequest, json_body, problem_document
+from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
 
@@ -69,7 +69,9 @@ class GatewayRequest(server.Request):
 
     def note_upstream(self, service: str, started: float, failure: str | None) -> None:
         """Record an upstream call for the access log."""
-        site = self.channel.site
+        # self.site, not self.channel.site: a client that left has already
+        # cut the channel loose, and its cancelled upstream call still reports.
+        site = self.site
         elapsed = site.reactor.seconds() - started
         self.log_fields["upstream"] = service
         self.log_fields["upstream_latency_ms"] = round(elapsed * 1000, 3)
@@ -77,12 +79,12 @@ class GatewayRequest(server.Request):
             site.metrics.observe_upstream(service, elapsed, failure)
         if failure is not None:
             self.log_fields["upstream_failure"] = failure
-            self.outcome = self.outcome or f"upstream_{failure}"
+            self.outcome = self.outcome or upstream_outcome(failure)
 
     def connectionLost(self, reason: Any) -> None:
         if not self.finished and self.started:
             self.outcome = self.outcome or "client_closed"
-            self.channel.site.log_response(self, status=499)
+            self.site.log_response(self, status=499)
         super().connectionLost(reason)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application.service import Application, IService
 from twisted.python import usage
 
-from deltagw.config import SETTINGS, ConfigError, load_settings
+from deltagw.config import SETTINGS, ConfigError
 from deltagw.logs import configure_structlog
 
 
@@ -33,6 +33,9 @@ class Options(usage.Options):
         ["demo-state", None, None,
          "Directory for the demo's users, revocations and secret "
          "[default $XDG_STATE_HOME/deltagw or ~/.local/state/deltagw]."],
+        ["config", None, None,
+         "TOML file of settings (named like the environment variables, which "
+         "beat it); read again on SIGHUP."],
     ]
 
 
@@ -42,31 +45,46 @@ def service_or_exit(
     """Build the service tree; on a bad setting exit with one line naming it.
 
     With ``demo_state`` the reference backends start first (their ports are
-    bound here, so their URLs are known) and the gateway points at them.
+    bound here, so their URLs are known) and the gateway points at them,
+    also after a reload. With a config file, SIGHUP re-reads it.
     """
     from twisted.internet import reactor
 
+    from deltagw.reload import ConfigReloader, settings_with_file
     from deltagw.service import GatewayService, RootService
 
     configure_structlog()
     root = RootService()
+    config_file = options.get("config")
     try:
-        settings = load_settings(environ, options)
+        settings = settings_with_file(environ, options, config_file)
+        pinned: dict[str, Any] = {}
         if demo_state is not None:
             from deltagw.demo.platform import DemoPlatform
 
             demo = DemoPlatform(reactor, demo_state, environ=environ)
             demo.privilegedStartService()
             demo.setServiceParent(root)
-            settings = replace(
-                settings,
-                auth_url=demo.urls["auth"],
-                storage_url=demo.urls["storage"],
-                analytics_url=demo.urls["analytics"],
-            )
-        GatewayService(settings, reactor).setServiceParent(root)
+            pinned = {f"{name}_url": url for name, url in demo.urls.items()}
+            settings = replace(settings, **pinned)
+        if settings.workers > 1:
+            from deltagw.workers import WorkerSupervisor
+
+            WorkerSupervisor(settings, reactor, environ, options).setServiceParent(root)
+            return root
+        gateway = GatewayService(settings, reactor)
+        gateway.setServiceParent(root)
     except ConfigError as e:
         raise SystemExit(f"deltagw: configuration error: {e}") from None
+    if config_file:
+        ConfigReloader(
+            reactor,
+            config_file,
+            environ,
+            options,
+            lambda new: gateway.apply_settings(replace(new, **pinned)),
+            settings,
+        ).setServiceParent(root)
     return root
 
 

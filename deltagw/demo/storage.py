@@ -87,14 +87,14 @@ class StorageBackend:
 
         Both bounds are inclusive; ``limit`` (default 100, at most 1000) caps
         the count after filtering, so it always returns the newest ticks of
-        the range.
+        the range. A ``start`` after ``end`` is an empty range (no ticks),
+        not an error: each bound is valid on its own, and the published
+        document cannot state a rule that ties two parameters together.
         """
         found = find_product(self._market, product)
         limit = _parse_limit(query_arg(request, "limit"))
         start = _parse_timestamp("start", query_arg(request, "start"))
         end = _parse_timestamp("end", query_arg(request, "end"))
-        if start is not None and end is not None and start > end:
-            raise ApiError(400, "start must not be after end")
         ticks = [
             {
                 "product": tick.product,

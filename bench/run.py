@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+"""deltagw benchmark: the gateway in front of nginx, compared with nginx alone.
+
+One command (``.venv/bin/python bench/run.py``) starts an unprivileged nginx
+serving fixed JSON bodies on loopback, starts ``twistd -n deltagw`` pointed at
+it, and drives both with ``wrk``, interleaving direct and gateway runs so that
+machine noise hits both sides alike. It reports medians over rounds, ratios to
+the direct runs, the gateway's CPU time per request and memory, holds many
+idle keep-alive connections, checks the issue's targets, and writes
+``bench/results/latest.json``.
+
+Standard library only (run it with the venv's Python so ``twistd`` is found).
+Exit status: 0 when every run was clean (a missed target is reported, not an
+error); 1 on errors (non-2xx responses, socket errors, wrong bodies, a process
+that would not start); 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+LOOPBACK = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NOFILE_WANTED = 65536
+
+# (key, description, direct path on nginx, gateway path, connections)
+SCENARIOS = [
+    ("small_1c", "small JSON (~600 B), 1 connection",
+     "/underlying/NIFTY", "/api/data/underlying/NIFTY", 1),
+    ("small_64c", "small JSON (~600 B), 64 connections",
+     "/underlying/NIFTY", "/api/data/underlying/NIFTY", 64),
+    ("chain_16c", "20 KB JSON pass-through, 16 connections",
+     "/option/chain/NIFTY", "/api/data/chain/NIFTY", 16),
+]
+
+# The issue's targets.
+TARGET_CPU_US = 350.0
+TARGET_ADDED_P50_MS = 0.35
+TARGET_THROUGHPUT_RATIO = 0.06
+TARGET_PASSTHROUGH_RATIO = 0.06
+TARGET_RSS_MB = 80.0
+TARGET_IDLE_CONNECTIONS = 10_000
+TARGET_IDLE_RSS_MB = 300.0
+
+
+class BenchError(Exception):
+    """Something went wrong that makes the run invalid (exit status 1)."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP arrived: unwind like Ctrl-C so cleanup runs."""
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def underlying_body() -> bytes:
+    """A deterministic ~600-byte quote of the NIFTY index."""
+    doc = {
+        "product": "NIFTY",
+        "exchange": "NSE",
+        "timestamp": "2024-01-15T10:15:00+05:30",
+        "ltp": 21894.55, "open": 21773.7, "high": 21928.25, "low": 21715.15,
+        "close": 21710.8, "change": 183.75, "change_pct": 0.85,
+        "vwap": 21852.12, "volume": 274918365, "turnover_cr": 28436.17,
+        "advances": 38, "declines": 12, "unchanged": 0,
+        "week52_high": 21928.25, "week52_low": 17312.75,
+        "lot_size": 50, "tick_size": 0.05,
+        "expiries": ["2024-01-18", "2024-01-25", "2024-02-01", "2024-02-29", "2024-03-28"],
+        "market_status": "open",
+        "source": "deltastream-storage",
+    }
+    # Pad to exactly 600 bytes with a deterministic note.
+    doc["note"] = ""
+    base = len(json.dumps(doc, separators=(",", ":")).encode())
+    doc["note"] = ("benchmark fixture " * 40)[: max(0, 600 - base)]
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def chain_body(limit: int = 20 * 1024) -> bytes:
+    """A deterministic option chain of just under ``limit`` bytes."""
+
+    def leg(strike: int, i: int, kind: str) -> dict[str, Any]:
+        sign = 1 if kind == "CE" else -1
+        moneyness = (21900 - strike) * sign
+        return {
+            "ltp": round(max(0.05, moneyness + 120 - 0.8 * abs(i - 40)), 2),
+            "iv": round(11.5 + 0.07 * abs(i - 40), 2),
+            "oi": 100000 + (i * 7919) % 900000,
+            "chg_oi": (i * 104729) % 50000 - 25000,
+            "vol": 5000 + (i * 15485863) % 400000,
+            "delta": round(sign * max(0.01, min(0.99, 0.5 + moneyness / 1200)), 3),
+        }
+
+    strikes: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {"product": "NIFTY", "expiry": "2024-01-25",
+                           "spot": 21894.55, "timestamp": "2024-01-15T10:15:00+05:30",
+                           "strikes": strikes}
+    i = 0
+    while True:
+        strike = 19900 + 50 * i
+        strikes.append({"strike": strike, "CE": leg(strike, i, "CE"), "PE": leg(strike, i, "PE")})
+        if len(json.dumps(doc, separators=(",", ":"))) > limit:
+            strikes.pop()
+            break
+        i += 1
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
+    """Raise this process's open-file limit as far as allowed; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (wanted, hard if hard != resource.RLIM_INFINITY else wanted):
+        target = min(limit, hard) if hard != resource.RLIM_INFINITY else limit
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _child_nofile() -> None:
+    # preexec_fn of the gateway: the benchmark raises the limit, not the code.
+    raise_nofile()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def wait_until(check, deadline_s: float, what: str, alive=None) -> None:
+    """Poll ``check()`` until it returns true, or fail after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    delay = 0.01
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise BenchError(f"{what}: the process exited while starting")
+        try:
+            if check():
+                return
+        except OSError as e:
+            last = e
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise BenchError(f"{what}: not ready after {deadline_s:.0f}s ({last})")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/pid/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its direct children (nginx master + worker)."""
+    total = 0.0
+    try:
+        total = proc_cpu_seconds(pid)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for child in f.read().split():
+                total += proc_cpu_seconds(int(child))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def ours_cpu_seconds(pids: list[int]) -> float:
+    """CPU used by this benchmark: itself, finished children (wrk) and ``pids``."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+            + sum(tree_cpu_seconds(p) for p in pids))
+
+
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of ``pid`` in MB (MiB)."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Processes:
+    """The children we start; each in its own session, stopped by its id."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen, int]] = []
+
+    def add(self, name: str, proc: subprocess.Popen, stop_signal: int) -> None:
+        self.procs.append((name, proc, stop_signal))
+
+    def stop_all(self) -> None:
+        for name, proc, sig in reversed(self.procs):
+            if proc.poll() is not None:
+                continue
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                continue
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"  {name} did not stop on signal {sig}; killing", file=sys.stderr)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+            # nginx workers share the master's process group: make sure none is left.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.procs.clear()
+
+
+def start_nginx(tmp: Path, procs: Processes, nginx: str) -> int:
+    www = tmp / "www"
+    (www / "underlying").mkdir(parents=True)
+    (www / "option" / "chain").mkdir(parents=True)
+    (www / "underlying" / "NIFTY").write_bytes(underlying_body())
+    (www / "option" / "chain" / "NIFTY").write_bytes(chain_body())
+    # As root, nginx's worker drops to "nobody": let it read the fixtures
+    # instead of running the worker as root.
+    os.chmod(tmp, 0o711)
+    for path in [www, *www.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""\
+worker_processes 1;
+error_log {tmp}/nginx-error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    types {{ }}
+    default_type application/json;
+    access_log off;
+    server_tokens off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
+    open_file_cache max=16 inactive=600s;
+    open_file_cache_valid 600s;
+    client_body_temp_path {tmp}/nginx-tmp/body;
+    proxy_temp_path {tmp}/nginx-tmp/proxy;
+    fastcgi_temp_path {tmp}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {tmp}/nginx-tmp/uwsgi;
+    scgi_temp_path {tmp}/nginx-tmp/scgi;
+    server {{
+        listen {LOOPBACK}:{port};
+        root {www};
+        location / {{ }}
+    }}
+}}
+""")
+    (tmp / "nginx-tmp").mkdir()
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf),
+         "-g", "daemon off;"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "nginx-stderr.log", "wb"), start_new_session=True,
+    )
+    procs.add("nginx", proc, signal.SIGTERM)
+    try:
+        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 1)[0] == 200,
+                   15, "nginx", alive=lambda: proc.poll() is None)
+    except BenchError:
+        print(tail(tmp / "nginx-error.log"), tail(tmp / "nginx-stderr.log"), sep="\n",
+              file=sys.stderr)
+        raise
+    return port
+
+
+def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
+                  workers: int | None) -> tuple[int, subprocess.Popen, Path]:
+    port = free_port()
+    env = dict(os.environ)
+    for key in list(env):  # default everything else
+        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_")):
+            del env[key]
+    env.update({
+        "PORT": f"tcp:{port}:interface={LOOPBACK}",
+        "STORAGE_SERVICE_URL": f"http://{LOOPBACK}:{upstream_port}",
+        # The limiter's budget must not be what the load measures.
+        "RATE_LIMIT_REQUESTS": "100000000",
+        "RATE_LIMIT_WINDOW": "1",
+    })
+    log = tmp / "gateway.log"
+    argv = [twistd, "-n", "--pidfile=", "deltagw"]
+    if workers:
+        argv.append(f"--workers={workers}")
+    proc = subprocess.Popen(
+        argv, env=env, cwd=tmp,  # cwd: import the installed deltagw, not a checkout
+        stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=_child_nofile,
+    )
+    procs.add("gateway", proc, signal.SIGTERM)
+    try:
+        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/health", 1)[0] == 200,
+                   20, "gateway", alive=lambda: proc.poll() is None)
+    except BenchError:
+        print(tail(log), file=sys.stderr)
+        raise
+    return port, proc, log
+
+
+# ---------------------------------------------------------------- wrk
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise BenchError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """Requests/sec, p50, completed requests and errors from wrk's report."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    total = re.search(r"^\s+(\d+) requests in ([\d.]+\w+)", out, re.M)
+    if not (rps and p50 and total):
+        raise BenchError(f"cannot parse wrk output:\n{out}")
+    socket_errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if se:
+        socket_errors = dict(zip(socket_errors, map(int, se.groups())))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": _ms(p50.group(1)),
+        "requests": int(total.group(1)),
+        "non_2xx_3xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": socket_errors,
+    }
+
+
+def run_wrk(wrk: str, url: str, connections: int, duration: float) -> dict[str, Any]:
+    threads = 1 if connections == 1 else 2
+    duration = max(1, round(duration))  # wrk takes whole seconds only
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {' '.join(argv)}: "
+                         f"{(done.stderr or done.stdout).strip()[:300]}")
+    result = parse_wrk(done.stdout)
+    result["raw"] = done.stdout
+    return result
+
+
+# ---------------------------------------------------------------- body check
+
+
+def check_bodies(direct: int, gateway: int, when: str) -> list[str]:
+    errors = []
+    for dpath, gpath in (("/underlying/NIFTY", "/api/data/underlying/NIFTY"),
+                         ("/option/chain/NIFTY", "/api/data/chain/NIFTY")):
+        d_status, d_body, _ = http_get(f"http://{LOOPBACK}:{direct}{dpath}")
+        g_status, g_body, g_headers = http_get(f"http://{LOOPBACK}:{gateway}{gpath}")
+        if d_status != 200 or g_status != 200:
+            errors.append(f"body check {when}: {gpath} status direct {d_status}, gateway {g_status}")
+        elif d_body != g_body:
+            errors.append(f"body check {when}: {gpath} body differs "
+                          f"({len(g_body)} bytes through the gateway, {len(d_body)} direct)")
+        else:
+            print(f"  body check {when}: {gpath} 200, {len(g_body)} bytes, identical to direct")
+    return errors
+
+
+# ---------------------------------------------------------------- idle connections
+
+
+def response_complete(head: bytes, body: bytes) -> bool:
+    """Whether ``body`` holds the whole body (Content-Length or chunked)."""
+    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    if m:
+        return len(body) >= int(m.group(1))
+    if not re.search(rb"(?im)^transfer-encoding:.*chunked", head):
+        return False  # read-until-close bodies do not keep the connection
+    pos = 0
+    while True:
+        eol = body.find(b"\r\n", pos)
+        if eol < 0:
+            return False
+        size = int(body[pos:eol].split(b";")[0], 16)
+        if size == 0:
+            return body.find(b"\r\n\r\n", eol) == eol or body.endswith(b"\r\n\r\n")
+        pos = eol + 2 + size + 2
+        if pos > len(body):
+            return False
+
+
+def hold_idle_connections(port: int, n: int, pid: int, deadline_s: float = 90.0,
+                          max_pending: int = 40) -> dict[str, Any]:
+    """Open ``n`` keep-alive connections, one ``GET /health`` each, and hold them.
+
+    At most ``max_pending`` connections are connecting or waiting for their
+    answer at a time: the gateway listens with Twisted's default backlog (50),
+    and a burst of SYNs beyond it would measure SYN retransmission, not the
+    gateway.
+    """
+    request = (f"GET /health HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
+               f"Connection: keep-alive\r\n\r\n").encode()
+    sel = selectors.DefaultSelector()
+    held: list[socket.socket] = []
+    bufs: dict[socket.socket, bytearray] = {}
+    errors: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    opened = finished = pending = 0
+    started = time.monotonic()
+    deadline = started + deadline_s
+
+    def fail(sock: socket.socket, why: str) -> None:
+        nonlocal finished, pending
+        errors[why] += 1
+        finished += 1
+        pending -= 1
+        sel.unregister(sock)
+        bufs.pop(sock, None)
+        sock.close()
+
+    try:
+        while finished < n:
+            if time.monotonic() > deadline:
+                errors["deadline passed"] += n - finished
+                break
+            while opened < n and pending < max_pending:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                err = sock.connect_ex((LOOPBACK, port))
+                opened += 1
+                pending += 1
+                if err not in (0, errno.EINPROGRESS):
+                    errors[f"connect: {errno.errorcode.get(err, err)}"] += 1
+                    finished += 1
+                    pending -= 1
+                    sock.close()
+                    continue
+                sel.register(sock, selectors.EVENT_WRITE, "connecting")
+            for key, _ in sel.select(timeout=0.5):
+                sock = key.fileobj
+                if key.data == "connecting":
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        fail(sock, f"connect: {errno.errorcode.get(err, err)}")
+                        continue
+                    try:
+                        sent = sock.send(request)
+                    except OSError as e:
+                        fail(sock, f"send: {e.strerror}")
+                        continue
+                    if sent != len(request):
+                        fail(sock, "send: short write")
+                        continue
+                    bufs[sock] = bytearray()
+                    sel.modify(sock, selectors.EVENT_READ, "reading")
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    fail(sock, f"recv: {e.strerror}")
+                    continue
+                if not data:
+                    fail(sock, "closed before the response")
+                    continue
+                buf = bufs[sock]
+                buf += data
+                head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+                if not sep:
+                    continue
+                if not response_complete(head, body):
+                    continue
+                status = int(head.split(None, 2)[1])
+                statuses[status] += 1
+                sel.unregister(sock)
+                del bufs[sock]
+                pending -= 1
+                finished += 1
+                if status == 200:
+                    held.append(sock)
+                else:
+                    errors[f"status {status}"] += 1
+                    sock.close()
+        established_s = time.monotonic() - started
+        memory = proc_memory_mb(pid)
+
+        # Are they all still open? A closed one reads as EOF.
+        poller = selectors.DefaultSelector()
+        for sock in held:
+            poller.register(sock, selectors.EVENT_READ)
+        closed = 0
+        for key, _ in poller.select(timeout=0):
+            try:
+                if key.fileobj.recv(1, socket.MSG_PEEK) == b"":
+                    closed += 1
+            except OSError:
+                closed += 1
+        poller.close()
+        still_open = len(held) - closed
+        # The gateway must still answer while they are all held.
+        health = http_get(f"http://{LOOPBACK}:{port}/health", 5)[0]
+    finally:
+        for sock in held:
+            sock.close()
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+    return {
+        "requested": n,
+        "answered_200": statuses.get(200, 0),
+        "held": still_open,
+        "closed_by_gateway": closed,
+        "errors": dict(errors),
+        "seconds_to_establish": round(established_s, 2),
+        "rss_mb_while_held": round(memory["VmRSS"], 1),
+        "hwm_mb_while_held": round(memory["VmHWM"], 1),
+        "health_while_held": health,
+    }
+
+
+def scan_gateway_log(path: Path) -> dict[str, Any]:
+    """Count the gateway's log lines and its error/critical events, by last line."""
+    lines = 0
+    size = path.stat().st_size
+    errors: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    with open(path, errors="replace") as f:
+        for line in f:
+            lines += 1
+            if '"outgoing_response"' in line:
+                try:
+                    event = json.loads(line)
+                    outcomes[f"{event.get('status_code')} {event.get('outcome')}"] += 1
+                except ValueError:
+                    pass
+            if '"level":"error"' not in line and '"level":"critical"' not in line \
+                    and "Traceback" not in line:
+                continue
+            try:
+                event = json.loads(line)
+                text = str(event.get("event") or event.get("failure") or line)
+            except ValueError:
+                text = line
+            last = [ln for ln in text.strip().splitlines() if ln.strip()]
+            errors[(last[-1] if last else text).strip()[:200]] += 1
+    return {"lines": lines, "bytes": size, "errors": dict(errors),
+            "responses_by_status_and_outcome": dict(outcomes.most_common())}
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile_gateway(pid: int, url: str, wrk: str, seconds: float, tmp: Path,
+                    out_dir: Path) -> dict[str, Any]:
+    """Sample the gateway with py-spy under 64-connection load; top own time."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise BenchError("--profile needs py-spy (.venv/bin/pip install py-spy)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "profile-small_64c.txt"
+    spy = subprocess.Popen([py_spy, "record", "-r", "250", "-d", f"{seconds:g}", "-p", str(pid),
+                            "-f", "raw", "-o", str(raw), "--nonblocking"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_wrk(wrk, url, 64, seconds + 1)
+        spy_out, _ = spy.communicate(timeout=seconds + 30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed: {spy_out.strip()}")
+    own: Counter[str] = Counter()        # by function, leaf frame only
+    inclusive: Counter[str] = Counter()  # by function, anywhere in the stack
+    own_file: Counter[str] = Counter()   # by source file, leaf frame only
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        m = re.search(r"\((.*)\)$", frames[-1])
+        own_file[m.group(1) if m else frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+
+    def top(counter: Counter[str], k: int) -> list[dict[str, Any]]:
+        return [{"frame": f, "pct": round(100 * c / total, 1), "samples": c}
+                for f, c in counter.most_common(k)]
+
+    return {"samples": total, "raw": str(raw), "top_own": top(own, 15),
+            "top_own_by_file": top(own_file, 15), "top_inclusive": top(inclusive, 40)}
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine_info(twistd: str) -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    python = str(Path(twistd).parent / "python")
+    probe = ("import json, sys, twisted, importlib.metadata as m;"
+             "print(json.dumps({'python': sys.version.split()[0], 'twisted': twisted.__version__,"
+             "'deltagw': m.version('deltagw'), 'klein': m.version('klein'),"
+             "'treq': m.version('treq'), 'deltagw_path': __import__('deltagw').__path__[0]}))")
+    try:
+        versions = json.loads(subprocess.run([python, "-c", probe], capture_output=True, cwd="/",
+                                             text=True, timeout=30).stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        versions = {"python": platform.python_version()}
+    # The benchmark runs the installed package: does it match the checkout?
+    installed = Path(versions.pop("deltagw_path", "/nonexistent"))
+    checkout = REPO_DIR / "deltagw"
+    names = {p.relative_to(checkout) for p in checkout.rglob("*.py")} | \
+        {p.relative_to(installed) for p in installed.rglob("*.py")}
+    versions["installed_matches_checkout"] = all(
+        (checkout / n).is_file() and (installed / n).is_file()
+        and (checkout / n).read_bytes() == (installed / n).read_bytes() for n in names)
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    commit = first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--",
+                            "deltagw", "twisted", "setup.py"],
+                           capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        **versions,
+        "wrk": first_line(["wrk", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "git_commit": commit + ("+dirty" if dirty else ""),
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per wrk run, whole (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of interleaved direct/gateway runs (default 3, min 1)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of unrecorded load per scenario and target first, whole (default 1; 0 = none)")
+    parser.add_argument("--idle-connections", type=int, default=TARGET_IDLE_CONNECTIONS,
+                        metavar="N", help="idle keep-alive connections to hold (default 10000)")
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle-connections scenario")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pass --workers=N to the gateway (only if it supports it)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
+                        help="also sample the gateway with py-spy under the 64-connection "
+                             "load for SECONDS and print the top 15 frames by own time")
+    parser.add_argument("--output", type=Path, default=BENCH_DIR / "results" / "latest.json",
+                        help="results file (default bench/results/latest.json)")
+    parser.add_argument("--keep-tmp", action="store_true",
+                        help="keep the temporary directory (logs, nginx conf) for inspection")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0 or args.warmup < 0 or args.idle_connections < 0:
+        parser.error("--rounds must be ≥ 1, --duration > 0, --warmup and --idle-connections ≥ 0")
+
+    wrk = shutil.which("wrk")
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    twistd = next((str(p) for p in (Path(sys.executable).parent / "twistd",
+                                     REPO_DIR / ".venv" / "bin" / "twistd") if p.exists()), None)
+    missing = [name for name, path in (("wrk", wrk), ("nginx", nginx), ("twistd", twistd)) if not path]
+    if missing:
+        print(f"bench: not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    # Ctrl-C must unwind through the cleanup even if our parent ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    nofile = raise_nofile()
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="deltagw-bench-"))
+    errors: list[str] = []
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        results["machine"] = machine_info(twistd)
+        results["settings"] = {"duration_s": args.duration, "rounds": args.rounds,
+                               "warmup_s": args.warmup, "workers": args.workers,
+                               "idle_connections": None if args.no_idle else args.idle_connections,
+                               "nofile_limit": nofile}
+        m = results["machine"]
+        if not m.get("installed_matches_checkout"):
+            print("WARNING: the installed deltagw differs from the checkout; run "
+                  "`.venv/bin/pip install -q .` to benchmark the working tree", file=sys.stderr)
+        print(f"deltagw benchmark — {m['date']} — {m['nproc']} CPU ({m['cpu_model']}), "
+              f"Python {m.get('python')}, Twisted {m.get('twisted')}, deltagw {m.get('deltagw')} "
+              f"@ {m['git_commit']}")
+
+        direct_port = start_nginx(tmp, procs, nginx)
+        gw_port, gw, gw_log = start_gateway(tmp, procs, twistd, direct_port, args.workers)
+        print(f"  nginx on {LOOPBACK}:{direct_port}, gateway (pid {gw.pid}) on {LOOPBACK}:{gw_port}, "
+              f"work dir {tmp}")
+        results["bodies"] = {"small_bytes": len(underlying_body()), "chain_bytes": len(chain_body())}
+        errors += check_bodies(direct_port, gw_port, "before load")
+        if errors:
+            raise BenchError("; ".join(errors))
+
+        urls = {key: {"direct": f"http://{LOOPBACK}:{direct_port}{dpath}",
+                      "gateway": f"http://{LOOPBACK}:{gw_port}{gpath}"}
+                for key, _, dpath, gpath, _ in SCENARIOS}
+        if args.warmup:
+            for key, _, _, _, conns in SCENARIOS:
+                for target in ("direct", "gateway"):
+                    run_wrk(wrk, urls[key][target], conns, args.warmup)
+
+        # How much of the machine did other processes take? (noise indicator)
+        nginx_pid = procs.procs[0][1].pid
+        busy0, ours0, wall0 = machine_busy_seconds(), ours_cpu_seconds([gw.pid, nginx_pid]), \
+            time.monotonic()
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            key: {"direct": [], "gateway": []} for key, *_ in SCENARIOS}
+        for rnd in range(1, args.rounds + 1):
+            for key, desc, _, _, conns in SCENARIOS:
+                for target in ("direct", "gateway"):
+                    cpu0 = proc_cpu_seconds(gw.pid)
+                    r = run_wrk(wrk, urls[key][target], conns, args.duration)
+                    cpu1 = proc_cpu_seconds(gw.pid)
+                    if target == "gateway":
+                        r["gateway_cpu_s"] = round(cpu1 - cpu0, 3)
+                        r["cpu_us_per_request"] = (
+                            round((cpu1 - cpu0) * 1e6 / r["requests"], 1) if r["requests"] else None)
+                    raw = r.pop("raw")
+                    bad = [f"{n} {v}" for n, v in r["socket_errors"].items() if v]
+                    if r["non_2xx_3xx"] or bad:
+                        msg = (f"round {rnd} {key} {target}: non-2xx/3xx responses "
+                               f"{r['non_2xx_3xx']}, socket errors {', '.join(bad) or 'none'}")
+                        print(f"  ERROR {msg}\n{raw}", file=sys.stderr)
+                        errors.append(msg)
+                    runs[key][target].append(r)
+                    cpu = (f", gateway CPU {r['cpu_us_per_request']} µs/req"
+                           if target == "gateway" else "")
+                    print(f"  round {rnd} {key:<10} {target:<7} {r['rps']:>10.0f} req/s "
+                          f"p50 {r['p50_ms']:.3f} ms{cpu}"
+                          f"{'  (ERRORS)' if r['non_2xx_3xx'] or bad else ''}")
+        memory_after = proc_memory_mb(gw.pid)
+        others = ((machine_busy_seconds() - busy0)
+                  - (ours_cpu_seconds([gw.pid, nginx_pid]) - ours0)) / (time.monotonic() - wall0)
+        results["other_processes_cpus_busy"] = round(max(0.0, others), 2)
+        if others > 0.1:
+            print(f"  WARNING: other processes kept {others:.2f} CPUs busy during the runs "
+                  f"(of {os.cpu_count()}); the figures are noisy", file=sys.stderr)
+        errors += check_bodies(direct_port, gw_port, "after load")
+
+        summary: dict[str, Any] = {}
+        for key, desc, _, _, conns in SCENARIOS:
+            d, g = runs[key]["direct"], runs[key]["gateway"]
+            s = {
+                "description": desc, "connections": conns,
+                "direct_rps": median([r["rps"] for r in d]),
+                "gateway_rps": median([r["rps"] for r in g]),
+                "direct_p50_ms": median([r["p50_ms"] for r in d]),
+                "gateway_p50_ms": median([r["p50_ms"] for r in g]),
+                "gateway_cpu_us_per_request": median([r["cpu_us_per_request"] for r in g]),
+            }
+            s["rps_ratio"] = s["gateway_rps"] / s["direct_rps"] if s["direct_rps"] else None
+            s["added_p50_ms"] = s["gateway_p50_ms"] - s["direct_p50_ms"]
+            summary[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}
+        results["runs"] = runs
+        results["summary"] = summary
+        results["gateway_memory_after_runs_mb"] = {
+            "rss": round(memory_after["VmRSS"], 1), "hwm": round(memory_after["VmHWM"], 1)}
+
+        if args.profile:
+            print(f"  profiling the gateway with py-spy for {args.profile:g}s at 64 connections…")
+            results["profile"] = profile_gateway(gw.pid, urls["small_64c"]["gateway"], wrk,
+                                                 args.profile, tmp, args.output.parent)
+
+        idle = None
+        if not args.no_idle and args.idle_connections:
+            need = args.idle_connections + 256
+            if nofile < need:
+                raise BenchError(f"RLIMIT_NOFILE is {nofile}; {need} needed for "
+                                 f"{args.idle_connections} idle connections")
+            print(f"  holding {args.idle_connections} idle keep-alive connections…")
+            idle = hold_idle_connections(gw_port, args.idle_connections, gw.pid)
+            idle["rss_mb_after_close"] = round(proc_memory_mb(gw.pid)["VmRSS"], 1)
+            results["idle"] = idle
+            if idle["errors"] or idle["held"] != args.idle_connections:
+                msg = (f"idle connections: {idle['held']} of {args.idle_connections} held, "
+                       f"errors {idle['errors']}")
+                print(f"  ERROR {msg}", file=sys.stderr)
+                errors.append(msg)
+            if idle["health_while_held"] != 200:
+                errors.append(f"idle connections: /health answered {idle['health_while_held']} "
+                              "while they were held")
+
+        if gw.poll() is not None:
+            errors.append(f"the gateway exited with status {gw.returncode} during the run")
+        results["gateway_log"] = scan_gateway_log(gw_log)
+        bad = {k: v for k, v in results["gateway_log"]["responses_by_status_and_outcome"].items()
+               if not k.startswith(("2", "3"))}
+        if bad:
+            print(f"  gateway access log, non-2xx/3xx answers by status and outcome: {bad}",
+                  file=sys.stderr)
+        for what, count in results["gateway_log"]["errors"].items():
+            msg = f"the gateway logged {count} × {what}"
+            print(f"  ERROR {msg}", file=sys.stderr)
+            errors.append(msg)
+
+        # ---- report
+        sm, th, ch = summary["small_1c"], summary["small_64c"], summary["chain_16c"]
+        print()
+        print(f"{'scenario':<42}{'direct req/s':>13}{'gateway req/s':>15}{'ratio':>8}"
+              f"{'direct p50':>12}{'gateway p50':>13}{'CPU/req':>10}")
+        for key, *_ in SCENARIOS:
+            s = summary[key]
+            print(f"{s['description']:<42}{fmt(s['direct_rps'], ',.0f'):>13}"
+                  f"{fmt(s['gateway_rps'], ',.0f'):>15}{fmt(s['rps_ratio'], '.3f'):>8}"
+                  f"{fmt(s['direct_p50_ms'], '.3f') + ' ms':>12}"
+                  f"{fmt(s['gateway_p50_ms'], '.3f') + ' ms':>13}"
+                  f"{fmt(s['gateway_cpu_us_per_request'], '.0f') + ' µs':>10}")
+        mem = results["gateway_memory_after_runs_mb"]
+        print(f"other processes on the machine during the runs: "
+              f"{results['other_processes_cpus_busy']:.2f} CPUs busy (of {os.cpu_count()})")
+        print(f"gateway memory after the runs: RSS {mem['rss']} MB, peak (VmHWM) {mem['hwm']} MB; "
+              f"access log {results['gateway_log']['lines']} lines, "
+              f"{sum(results['gateway_log']['errors'].values())} error/critical events")
+        if idle:
+            print(f"idle connections: {idle['held']} of {idle['requested']} held "
+                  f"(established in {idle['seconds_to_establish']} s), gateway RSS "
+                  f"{idle['rss_mb_while_held']} MB while held, {idle['rss_mb_after_close']} MB "
+                  f"after closing; /health while held: {idle['health_while_held']}")
+        if "profile" in results:
+            print(f"\npy-spy, gateway at 64 connections, top 15 by own time "
+                  f"({results['profile']['samples']} samples, raw: {results['profile']['raw']}):")
+            for row in results["profile"]["top_own"]:
+                print(f"  {row['pct']:>5.1f}%  {row['frame']}")
+            print("by source file, own time:")
+            for row in results["profile"]["top_own_by_file"][:10]:
+                print(f"  {row['pct']:>5.1f}%  {row['frame']}")
+
+        cpu = th["gateway_cpu_us_per_request"]
+        targets = [
+            ("CPU per proxied small request (64 conns) ≤ 350 µs", f"{fmt(cpu, '.0f')} µs",
+             None if cpu is None else cpu <= TARGET_CPU_US),
+            ("added median latency at 1 connection ≤ 0.35 ms", f"{sm['added_p50_ms']:.3f} ms",
+             sm["added_p50_ms"] <= TARGET_ADDED_P50_MS),
+            ("throughput at 64 connections ≥ 0.06 × direct", f"{fmt(th['rps_ratio'], '.3f')} ×",
+             th["rps_ratio"] is not None and th["rps_ratio"] >= TARGET_THROUGHPUT_RATIO),
+            ("20 KB pass-through ≥ 0.06 × direct", f"{fmt(ch['rps_ratio'], '.3f')} ×",
+             ch["rps_ratio"] is not None and ch["rps_ratio"] >= TARGET_PASSTHROUGH_RATIO),
+            ("RSS ≤ 80 MB after the runs", f"{mem['rss']} MB", mem["rss"] <= TARGET_RSS_MB),
+            ("10,000 idle connections held, RSS < 300 MB",
+             f"{idle['held']} held, {idle['rss_mb_while_held']} MB" if idle else "not run",
+             None if not idle or idle["requested"] < TARGET_IDLE_CONNECTIONS else
+             idle["held"] >= TARGET_IDLE_CONNECTIONS
+             and idle["rss_mb_while_held"] < TARGET_IDLE_RSS_MB),
+        ]
+        results["targets"] = [{"target": t, "value": v, "result": verdict(ok)}
+                              for t, v, ok in targets]
+        print("\ntargets:")
+        for t, v, ok in targets:
+            print(f"  {verdict(ok):<5} {t:<52} {v}")
+    except BenchError as e:
+        errors.append(str(e))
+    except (KeyboardInterrupt, Interrupted):
+        print("\nbench: interrupted; cleaning up", file=sys.stderr)
+        procs.stop_all()
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            print(f"  kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    results["errors"] = errors
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nresults: {args.output} ({results['elapsed_s']} s)")
+    if errors:
+        print("ERRORS:", *errors, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""``--workers N``: one parent binds the port, N twistd workers serve it.
+
+The subprocess tests run the installed ``twistd -n --pidfile= deltagw
+--workers 2`` in its own process group (so teardown can kill the workers
+too), read its JSON lines from a pipe with deadlines, and tell workers apart
+by the ``pid`` every worker line carries. The supervisor's restart and stop
+logic is also tested against a fake reactor and clock.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import error, task
+from twisted.python.failure import Failure
+
+from deltagw.config import load_settings
+from deltagw.workers import (
+    LISTEN_FD_ENV,
+    InheritedPortEndpoint,
+    WorkerSupervisor,
+    listen_endpoint,
+    worker_environment,
+)
+
+TWISTD = Path(sys.executable).parent / "twistd"
+LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
+START_DEADLINE = 30.0
+STOP_DEADLINE = 30.0
+
+
+# ---------------------------------------------------------------------------
+# A supervisor process and its workers
+
+
+class Supervised:
+    """``twistd ... deltagw --workers N`` in a process group of its own.
+
+    Workers share the parent's stdout, so one pipe carries every JSON line;
+    stderr goes to a file so a chatty child never blocks on a full pipe.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path,
+                 pass_fds: Sequence[int] = ()) -> None:
+        self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in kill)
+        self.proc = subprocess.Popen(
+            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=self._stderr, pass_fds=tuple(pass_fds),
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._partial = b""
+        self.events: list[dict[str, Any]] = []
+
+    def _read(self, timeout: float) -> bool:
+        """Read what stdout has within ``timeout``; False at end of file."""
+        if not select.select([self._fd], [], [], max(timeout, 0))[0]:
+            return True
+        chunk = os.read(self._fd, 65536)
+        if not chunk:
+            return False
+        *complete, self._partial = (self._partial + chunk).split(b"\n")
+        for line in complete:
+            if line.strip():
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    raise AssertionError(f"not a JSON line: {line!r}\n{self.output()}") from None
+        return True
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], Any],
+                 timeout: float = START_DEADLINE) -> Any:
+        """Wait until ``predicate(all events so far)`` is truthy; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate(self.events)
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"condition not met within {timeout} s\n{self.output()}")
+            if not self._read(remaining):
+                value = predicate(self.events)
+                if value:
+                    return value
+                raise AssertionError(f"stdout closed (exit {self.proc.wait()})\n{self.output()}")
+
+    def serving(self, count: int, timeout: float = START_DEADLINE) -> tuple[int, set[int]]:
+        """Wait until ``count`` live workers listen; their port and pids."""
+
+        def ready(events: list[dict[str, Any]]) -> Any:
+            pids = listening_pids(events) - dead_pids(events)
+            return len(pids) >= count and (port_of(events), pids)
+
+        return self.wait_for(ready, timeout)
+
+    def output(self) -> str:
+        self._stderr.seek(0)
+        lines = "\n".join(json.dumps(e) for e in self.events)
+        return f"--- stdout\n{lines}\n--- stderr\n{self._stderr.read()}"
+
+    def kill(self) -> None:
+        """Kill the parent and every worker (teardown)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._stderr.close()
+
+
+def listening_pids(events: list[dict[str, Any]]) -> set[int]:
+    return {e["pid"] for e in events if "GatewaySite" in e.get("event", "")
+            and "starting on" in e["event"]}
+
+
+def dead_pids(events: list[dict[str, Any]]) -> set[int]:
+    return {e["worker_pid"] for e in events if e.get("event") in ("worker_died", "worker_exited")}
+
+
+def port_of(events: list[dict[str, Any]]) -> int | None:
+    for e in events:
+        if e.get("event", "").startswith("WorkerSupervisor starting on "):
+            return int(e["event"].rsplit(" ", 1)[1])
+    return None
+
+
+def child_environ(**extra: str) -> dict[str, str]:
+    """Our environment without systemd's variables or a source tree on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "DELTAGW_"))}
+    env.pop("PYTHONPATH", None)
+    env.pop("REDIS_URL", None)
+    env.update(extra)
+    return env
+
+
+def twistd(*options: str) -> list[str]:
+    return [str(TWISTD), "--nodaemon", "--pidfile=", "deltagw", *options]
+
+
+@pytest.fixture
+def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
+    """Start supervisors in a scratch directory; all (and their workers) killed at teardown."""
+    started: list[Supervised] = []
+
+    def start(argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int] = ()) -> Supervised:
+        s = Supervised(argv, env, tmp_path, pass_fds)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+def served_by(daemon: Supervised, port: int, path: str = "/health",
+              context: ssl.SSLContext | None = None) -> tuple[int, int]:
+    """One request on a fresh connection: its status and the pid that answered it."""
+    request_id = uuid.uuid4().hex
+    if context is None:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        conn.request("GET", path, headers={"X-Request-ID": request_id, "Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    event = daemon.wait_for(lambda events: next(
+        (e for e in events if e.get("event") == "outgoing_response"
+         and e.get("request_id") == request_id), None), timeout=10)
+    return response.status, event["pid"]
+
+
+def serving_pids(daemon: Supervised, port: int, wanted: Callable[[set[int]], bool],
+                 timeout: float = 30.0, **kwargs: Any) -> set[int]:
+    """Request on fresh connections until the set of answering pids is ``wanted``."""
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while not wanted(seen):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only pids {seen} answered within {timeout} s\n{daemon.output()}")
+        status, pid = served_by(daemon, port, **kwargs)
+        assert status == 200
+        seen.add(pid)
+    return seen
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Real processes
+
+
+def test_two_workers_share_one_port_and_both_serve(supervised: Callable[..., Supervised]) -> None:
+    """The parent binds once; both workers adopt that port and each answers requests."""
+    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=LOOPBACK_ANY_PORT))
+    port, pids = daemon.serving(2)
+    assert port is not None and len(pids) == 2
+    parent = daemon.proc.pid
+    assert parent not in pids
+    # Every worker listens on the parent's port, with the socket it inherited.
+    starts = [e for e in daemon.events if e.get("pid") in pids and "starting on" in e["event"]]
+    assert {int(e["event"].rsplit(" ", 1)[1]) for e in starts} == {port}
+    assert {e["worker"] for e in starts} == {0, 1}
+    assert serving_pids(daemon, port, lambda seen: len(seen) == 2) == pids
+
+
+def test_a_killed_worker_is_replaced(supervised: Callable[..., Supervised]) -> None:
+    """SIGKILL a worker: the parent starts a new one in its slot, and it serves."""
+    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=LOOPBACK_ANY_PORT))
+    port, pids = daemon.serving(2)
+    victim = min(pids)
+    slot = next(e["worker"] for e in daemon.events if e.get("pid") == victim)
+    os.kill(victim, signal.SIGKILL)
+    died = daemon.wait_for(lambda events: next(
+        (e for e in events if e.get("event") == "worker_died" and e["worker_pid"] == victim), None))
+    assert died["signal"] == signal.SIGKILL and died["worker"] == slot
+    _, now = daemon.serving(2)
+    (newcomer,) = now - pids
+    assert next(e["worker"] for e in daemon.events if e.get("pid") == newcomer) == slot
+    survivor = (pids - {victim}).pop()
+    assert serving_pids(daemon, port, lambda seen: newcomer in seen) <= {newcomer, survivor}
+
+
+class _HeldUpstream(BaseHTTPRequestHandler):
+    """Answers 200 only once the test releases it."""
+
+    arrived: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.arrived.set()
+        self.release.wait(30)
+        body = b'["held"]'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def held_upstream() -> Iterator[type[_HeldUpstream]]:
+    handler = type("Held", (_HeldUpstream,), {"arrived": threading.Event(),
+                                              "release": threading.Event()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    yield handler
+    handler.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_sigterm_drains_every_worker_and_the_parent_exits_0(
+    supervised: Callable[..., Supervised], held_upstream: Any
+) -> None:
+    """SIGTERM to the parent reaches the workers; an in-flight request still
+    completes, and the parent exits 0 only after every worker has exited."""
+    daemon = supervised(
+        twistd("--workers", "2"),
+        child_environ(PORT=LOOPBACK_ANY_PORT, STORAGE_SERVICE_URL=held_upstream.url,
+                      SHUTDOWN_GRACE="20", RETRIES="0"),
+    )
+    port, pids = daemon.serving(2)
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        client.sendall(b"GET /api/data/products HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        assert held_upstream.arrived.wait(30), daemon.output()
+        daemon.proc.send_signal(signal.SIGTERM)
+        # Both workers start draining; the held request is still in flight.
+        daemon.wait_for(lambda events: {e["pid"] for e in events
+                                        if e.get("event") == "drain_started"} == pids)
+        assert daemon.proc.poll() is None
+        held_upstream.release.set()
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    finally:
+        client.close()
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert response.endswith(b'["held"]')
+    assert daemon.proc.wait(timeout=STOP_DEADLINE) == 0, daemon.output()
+    daemon.wait_for(lambda events: any(e.get("event") == "workers_stopped" for e in events))
+    exited = {e["worker_pid"] for e in daemon.events if e.get("event") == "worker_exited"}
+    assert exited == pids
+    assert all(gone(pid) for pid in pids)
+    assert not any(e.get("event") == "worker_died" for e in daemon.events)
+
+
+def test_rate_limits_per_worker_warning_without_redis(supervised: Callable[..., Supervised]) -> None:
+    """With more than one worker and no REDIS_URL, start-up warns that budgets are per worker."""
+    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=LOOPBACK_ANY_PORT))
+    warning = daemon.wait_for(lambda events: next(
+        (e for e in events if e.get("event") == "rate_limits_per_worker"), None))
+    assert warning["level"] == "warning" and warning["workers"] == 2
+    assert "REDIS_URL" in warning["note"]
+
+
+def test_no_rate_limit_warning_with_redis(supervised: Callable[..., Supervised]) -> None:
+    """With REDIS_URL the budgets are shared, so nothing is warned (no Redis needs to run)."""
+    daemon = supervised(
+        twistd("--workers", "2"),
+        child_environ(PORT=LOOPBACK_ANY_PORT, REDIS_URL="redis://127.0.0.1:1"),
+    )
+    daemon.wait_for(lambda events: any(e.get("event") == "workers_starting" for e in events))
+    assert not any(e.get("event") == "rate_limits_per_worker" for e in daemon.events)
+
+
+def test_workers_option_beats_variable_and_one_worker_means_no_supervisor(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """WORKERS=3 is overridden by --workers 1: the gateway serves in-process, unsupervised."""
+    daemon = supervised(twistd("--workers", "1"), child_environ(PORT=LOOPBACK_ANY_PORT, WORKERS="3"))
+    daemon.wait_for(lambda events: any("GatewaySite starting on" in e.get("event", "")
+                                       for e in events))
+    assert not any(e.get("component") == "workers" for e in daemon.events)
+
+
+def test_workers_serve_tls_on_an_ssl_port(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """With an ssl: PORT the parent binds plain TCP and every worker speaks TLS on it."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    port_spec = "ssl:0:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem"
+    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=port_spec))
+    port, pids = daemon.serving(2)
+    assert all("(TLS)" in e["event"] for e in daemon.events
+               if e.get("pid") in pids and "starting on" in e.get("event", ""))
+    assert serving_pids(daemon, port, lambda seen: len(seen) == 2, context=context) == pids
+
+
+_SYSTEMD_EXEC = """
+import os, sys
+fd = int(os.environ.pop("DGW_FD"))
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="deltagw.socket")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_workers_share_a_socket_passed_by_systemd(supervised: Callable[..., Supervised]) -> None:
+    """PORT=systemd:...: the parent adopts systemd's socket and hands it to every worker."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        wrapper = [sys.executable, "-c", _SYSTEMD_EXEC, *twistd("--workers", "2")]
+        env = child_environ(PORT="systemd:domain=INET:index=0", DGW_FD=str(fd))
+        daemon = supervised(wrapper, env, pass_fds=[fd])
+    served_port, pids = daemon.serving(2)
+    assert served_port == port
+    assert serving_pids(daemon, port, lambda seen: len(seen) == 2) == pids
+
+
+def test_a_bad_workers_value_stops_startup() -> None:
+    """--workers 0 is a configuration error that names the option."""
+    result = subprocess.run(twistd("--workers", "0"), env=child_environ(PORT=LOOPBACK_ANY_PORT),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--workers" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------
+# The worker's endpoint
+
+
+def test_listen_endpoint_binds_port_outside_a_worker() -> None:
+    """Without DELTAGW_LISTEN_FD the endpoint is PORT's own."""
+    settings = load_settings({"PORT": LOOPBACK_ANY_PORT})
+    endpoint = listen_endpoint(task.Clock(), settings, {})
+    assert not isinstance(endpoint, InheritedPortEndpoint)
+
+
+def test_listen_endpoint_adopts_the_inherited_socket_in_a_worker() -> None:
+    """With DELTAGW_LISTEN_FD the endpoint adopts that descriptor (and closes it)."""
+    settings = load_settings({"PORT": LOOPBACK_ANY_PORT})
+    adopted: list[tuple[int, int, Any]] = []
+
+    class Reactor:
+        def adoptStreamPort(self, fd: int, family: int, factory: Any) -> str:
+            adopted.append((fd, family, factory))
+            return "port"
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        fd = os.dup(listener.fileno())
+        endpoint = listen_endpoint(Reactor(), settings, {LISTEN_FD_ENV: str(fd)})
+        results: list[Any] = []
+        endpoint.listen("factory").addBoth(results.append)
+    assert results == ["port"]
+    assert adopted == [(fd, socket.AF_INET, "factory")]
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_worker_environment_hands_options_down_as_variables() -> None:
+    """Options become variables; systemd's variables stay with the parent; WORKERS=1."""
+    environ = {"PORT": "8000", "LISTEN_FDS": "1", "NOTIFY_SOCKET": "@x", "WORKERS": "4",
+               "SERVICE_NAME": "from-env"}
+    options = {"service-name": "from-option", "workers": "2", "port": None}
+    settings = load_settings(environ, options)
+    env = worker_environment(environ, options, settings, "tcp:8000:interface=0.0.0.0", 1)
+    assert env["SERVICE_NAME"] == "from-option"
+    assert env["WORKERS"] == "1"
+    assert env["PORT"] == "tcp:8000:interface=0.0.0.0"
+    assert env[LISTEN_FD_ENV] == "3" and env["DELTAGW_WORKER"] == "1"
+    assert "LISTEN_FDS" not in env and "NOTIFY_SOCKET" not in env
+
+
+# ---------------------------------------------------------------------------
+# The supervisor against a fake reactor
+
+
+class _FakePort:
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.reading = True
+        self.closed = False
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "127.0.0.1", 8000)
+
+    def stopListening(self) -> None:
+        self.closed = True
+        self.socket.close()
+
+
+class _FakeProcess:
+    def __init__(self, pid: int, proto: Any) -> None:
+        self.pid = pid
+        self.proto = proto
+        self.signals: list[str] = []
+        self.alive = True
+
+    def signalProcess(self, name: str) -> None:
+        if not self.alive:
+            raise error.ProcessExitedAlready()
+        self.signals.append(name)
+
+    def end(self, code: int | None = 0, sig: int | None = None) -> None:
+        self.alive = False
+        reason = error.ProcessDone(0) if code == 0 else error.ProcessTerminated(code, sig)
+        self.proto.processEnded(Failure(reason))
+
+
+class _FakeReactor(task.Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[_FakeProcess] = []
+        self.ports: list[_FakePort] = []
+        self.running = True
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> _FakePort:
+        self.ports.append(_FakePort())
+        return self.ports[-1]
+
+    def callWhenRunning(self, f: Callable[..., Any], *args: Any) -> None:
+        f(*args)
+
+    def spawnProcess(self, proto: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None, **kwargs: Any) -> _FakeProcess:
+        process = _FakeProcess(1000 + len(self.processes), proto)
+        assert childFDs[3] == self.ports[-1].fileno()
+        self.processes.append(process)
+        return process
+
+
+def _supervisor(reactor: _FakeReactor, **env: str) -> WorkerSupervisor:
+    settings = load_settings({"PORT": "tcp:8000", "WORKERS": "2", "SHUTDOWN_GRACE": "10", **env})
+    supervisor = WorkerSupervisor(settings, reactor, {}, {}, command=["worker"],
+                                  min_backoff=0.5, max_backoff=4.0, stable_after=10.0)
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    return supervisor
+
+
+def test_the_parent_binds_once_and_never_accepts() -> None:
+    """One bound socket, not read by the parent, handed to every worker."""
+    reactor = _FakeReactor()
+    supervisor = _supervisor(reactor)
+    assert len(reactor.ports) == 1 and not reactor.ports[0].reading
+    assert len(reactor.processes) == 2
+    for p in reactor.processes:
+        p.end()
+    supervisor.stopService()
+    assert reactor.ports[0].closed
+
+
+def test_restart_backoff_doubles_while_workers_die_young_and_resets() -> None:
+    """0.5, 1, 2, 4, 4 s for a crash loop; a worker that ran 10 s resets it to 0.5 s."""
+    reactor = _FakeReactor()
+    _supervisor(reactor)
+    delays = []
+    for _ in range(5):
+        before = len(reactor.processes)
+        reactor.processes[0 if before == 2 else -1].end(1)
+        waited = 0.0
+        while len(reactor.processes) == before:
+            reactor.advance(0.25)
+            waited += 0.25
+        delays.append(waited)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
+    reactor.advance(10.0)
+    before = len(reactor.processes)
+    reactor.processes[-1].end(None, signal.SIGKILL)
+    reactor.advance(0.25)
+    assert len(reactor.processes) == before
+    reactor.advance(0.25)
+    assert len(reactor.processes) == before + 1
+
+
+def test_stop_terminates_workers_and_waits_for_them() -> None:
+    """stopService cancels restarts, SIGTERMs the workers and fires once all exited."""
+    reactor = _FakeReactor()
+    supervisor = _supervisor(reactor)
+    first, second = reactor.processes
+    first.end(1)  # a restart is now pending
+    stopped = supervisor.stopService()
+    assert second.signals == ["TERM"] and not stopped.called
+    reactor.advance(5.0)
+    assert len(reactor.processes) == 2  # the pending restart was cancelled
+    second.end(0)
+    assert stopped.called
+
+
+def test_stop_kills_a_worker_that_outlives_the_grace() -> None:
+    """A worker still running SHUTDOWN_GRACE + margin after SIGTERM gets SIGKILL."""
+    reactor = _FakeReactor()
+    supervisor = _supervisor(reactor, SHUTDOWN_GRACE="2")
+    first, second = reactor.processes
+    stopped = supervisor.stopService()
+    first.end(0)
+    reactor.advance(6.9)
+    assert second.signals == ["TERM"]
+    reactor.advance(0.2)
+    assert second.signals == ["TERM", "KILL"] and not stopped.called
+    second.end(None, signal.SIGKILL)
+    assert stopped.called
