@@ -226,7 +226,8 @@ REQUEST_BODIES: dict[str, Schema] = {
     "auth_register": _object(
         {"email": {"type": "string", "format": "email"},
          "password": {"type": "string", "minLength": 8, "format": "password"},
-         "name": {"type": "string", "minLength": 1}},
+         # The reference auth service trims the name and refuses it empty.
+         "name": {"type": "string", "minLength": 1, "pattern": r"\S"}},
         required=("email", "password", "name"),
     ),
     "auth_login": _object(

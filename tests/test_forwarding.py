@@ -349,3 +349,35 @@ async def test_invalid_traceparent_replaced(gateway, upstream, incoming):
     version, trace_id, span_id, flags = forwarded.decode().split("-")
     assert version == "00" and len(trace_id) == 32 and trace_id not in (TRACE_ID, "0" * 32)
     assert upstream.seen[-1].header(b"tracestate") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_compressed_body_passed_through_untouched(gateway, upstream):
+    """A gzip body goes back byte for byte with its Content-Encoding; the client's Accept-Encoding goes up."""
+    import gzip
+
+    compressed = gzip.compress(b'{"ticks": []}' * 100, mtime=0)
+
+    def respond(request, seen):
+        request.setHeader(b"Content-Encoding", b"gzip")
+        return compressed
+
+    upstream.respond = respond
+    raw = await raw_exchange(
+        gateway.port_number,
+        b"GET /api/data/products HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert body == compressed
+    assert b"\r\nContent-Encoding: gzip" in head
+    assert b"\r\nContent-Length: %d" % len(compressed) in head
+    assert upstream.seen[-1].header(b"accept-encoding") == [b"gzip"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_accept_encoding_invented(gateway, upstream):
+    """The gateway asks the upstream for no encoding the client did not ask for."""
+    await raw_exchange(
+        gateway.port_number, b"GET /api/data/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert upstream.seen[-1].header(b"accept-encoding") == []

@@ -40,7 +40,7 @@ class ScriptedClient:
     """An upstream client whose calls fail as refused, or hang until cancelled."""
 
     def __init__(self, hang: bool = False) -> None:
-        self.http = self
+        self.agent = self
         self.calls = 0
         self.hang = hang
 
@@ -115,12 +115,19 @@ def test_client_gone_frees_probe_without_deciding() -> None:
     probe = _forward(proxy)
     assert proxy.breakers["storage"].state == "half_open"
     probe.cancel()
-    _unavailable(probe)
+    _cancelled(probe)
     assert proxy.breakers["storage"].state == "half_open"
     next_probe = _forward(proxy)
     assert client.calls == 3  # the next caller may probe
     next_probe.cancel()
-    _unavailable(next_probe)
+    _cancelled(next_probe)
+
+
+def _cancelled(d: defer.Deferred[Any]) -> None:
+    """The call ended as cancelled: no 503 is made for a client that left."""
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(defer.CancelledError)
 
 
 def test_calls_beyond_max_in_flight_are_shed() -> None:
@@ -134,7 +141,7 @@ def test_calls_beyond_max_in_flight_are_shed() -> None:
     assert (shed.reason, shed.status, _retry_after(shed)) == ("shed", 503, 1)
     assert client.calls == 2
     first.cancel()
-    _unavailable(first)
+    _cancelled(first)
     assert proxy.in_flight["storage"] == 1
     third = _forward(proxy)
     assert client.calls == 3
@@ -156,7 +163,7 @@ def test_shedding_is_per_service() -> None:
     assert not analytics.called
     for d in (storage, analytics):
         d.cancel()
-        _unavailable(d)
+        _cancelled(d)
 
 
 # -- end to end, with real misbehaving upstreams -------------------------------
