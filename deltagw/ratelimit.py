@@ -267,11 +267,18 @@ class TokenBucketLimiter:
         """
         now = self._reactor.seconds() - self._epoch
         buckets = self._buckets
+        forgotten = 0
         while buckets:
             full_at = next(iter(buckets.values()))
             if full_at > now:
                 break
             buckets.popitem(last=False)
+            forgotten += 1
+        if forgotten > len(buckets):
+            # A dict never shrinks its table on deletion: after a burst of a
+            # million clients the empty slots would stay allocated. Copying
+            # the survivors (fewer than were forgotten) gives the memory back.
+            self._buckets = OrderedDict(buckets)
 
     def start(self) -> None:
         """Start sweeping every ``sweep_interval`` seconds."""
