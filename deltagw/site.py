@@ -88,11 +88,17 @@ class GatewayRequest(server.Request):
         super().connectionLost(reason)
 
 
-_MALFORMED_BODY = json_body(problem_document(400, "Malformed HTTP request", None))
-_MALFORMED_RESPONSE = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_MALFORMED_BODY), _MALFORMED_BODY)
-)
+def _raw_error(status: int, phrase: bytes, message: str) -> bytes:
+    """A whole JSON error response, for answers made before any request exists."""
+    body = json_body(problem_document(status, message, None))
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+    )
+
+
+_MALFORMED_RESPONSE = _raw_error(400, b"Bad Request", "Malformed HTTP request")
+_TIMEOUT_RESPONSE = _raw_error(408, b"Request Timeout", "Request not received in time")
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -103,6 +109,42 @@ class GatewayChannel(http.HTTPChannel):
     gateway's error shape. (The hook is private to twisted.web; it is the
     only place the rejection happens.)
     """
+
+    _head_deadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        # twisted.web's idle timeout restarts on every byte, so a client
+        # trickling a request (slow loris) would hold its connection for
+        # ever; the whole request must arrive within CLIENT_TIMEOUT.
+        if self._head_deadline is None and not self._handlingRequest:
+            self._head_deadline = self.callLater(
+                self.site.settings.client_timeout, self._request_too_slow
+            )
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._head_deadline = None
+        _access_log.msg(
+            "request_timeout",
+            client=getattr(self.transport.getPeer(), "host", "-"),
+            outcome="client_timeout",
+        )
+        self.transport.write(_TIMEOUT_RESPONSE)
+        self.loseConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         _access_log.msg("malformed_request", client=getattr(self.transport.getPeer(), "host", "-"),

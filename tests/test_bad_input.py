@@ -64,10 +64,10 @@ async def test_unreadable_url_is_400_json(gateway, upstream, target):
 )
 @pytest_twisted.ensureDeferred
 async def test_malformed_request_is_rejected_and_next_served(make_gateway, request_bytes):
-    """A malformed request ends in a 400 or a closed connection; the next request is served."""
+    """A malformed request ends in a 400 (408 if it never completes) or a closed connection; the next is served."""
     gateway = await make_gateway(CLIENT_TIMEOUT="0.5")
     raw = await raw_exchange(gateway.port_number, request_bytes, timeout=3)
-    assert raw == b"" or (_status(raw) == 400 and "error" in _json_body(raw))
+    assert raw == b"" or (_status(raw) in (400, 408) and "error" in _json_body(raw))
     assert (await gateway.get("/health")).code == 200
 
 
@@ -160,3 +160,38 @@ async def test_idle_and_half_sent_connections_are_closed(make_gateway):
     half = await _connect(gateway.port_number, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow")
     await wait_until(lambda: idle.closed and half.closed, timeout=5)
     await wait_until(lambda: open_fds() <= before)
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickling_client_is_cut_off(make_gateway):
+    """A client sending its request a byte at a time gets 408 and is closed after CLIENT_TIMEOUT."""
+    from twisted.internet.task import LoopingCall
+
+    gateway = await make_gateway(CLIENT_TIMEOUT="0.5")
+    received: list[bytes] = []
+
+    class Trickler(protocol.Protocol):
+        closed = False
+
+        def dataReceived(self, data):
+            received.append(data)
+
+        def connectionLost(self, reason=None):
+            self.closed = True
+
+    trickler = Trickler()
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.port_number), trickler)
+    started = reactor.seconds()
+    drip = LoopingCall(lambda: None if trickler.closed else trickler.transport.write(b"X"))
+    trickler.transport.write(b"GET /health HTTP/1.1\r\nX-Slow: ")
+    drip.clock = reactor
+    drip.start(0.05)
+    try:
+        await wait_until(lambda: trickler.closed, timeout=5)
+    finally:
+        drip.stop()
+    assert reactor.seconds() - started < 2
+    assert b"".join(received).startswith(b"HTTP/1.1 408 Request Timeout")
+    assert (await gateway.get("/health")).code == 200

@@ -1,0 +1,68 @@
+"""The operator surface through a real gateway: docs, Swagger UI, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from openapi_spec_validator import validate
+
+from deltagw.app import Gateway
+
+
+def _series(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_docs_served_with_servers_from_request(gateway):
+    """/api/docs and /api/v1/docs serve a valid document whose server is this Host."""
+    for path in ("/api/docs", "/api/v1/docs"):
+        response = await gateway.get(path, headers={b"Host": [b"api.example:8443"]})
+        document = json.loads(await response.content())
+        validate(document)
+        assert document["servers"] == [{"url": "http://api.example:8443"}]
+    documented = set(document["paths"])
+    served = {rule.rule.replace("<", "{").replace(">", "}") for rule in Gateway.app.url_map.iter_rules()}
+    assert documented <= served
+
+
+@pytest_twisted.ensureDeferred
+async def test_swagger_ui_served_offline(gateway):
+    """/api/docs/ui is a page whose scripts come from the gateway itself, pointed at /api/docs."""
+    page = await gateway.get("/api/docs/ui")
+    html = (await page.content()).decode()
+    assert page.code == 200 and "https://" not in html and "http://" not in html
+    initializer = await gateway.get("/api/docs/ui/swagger-initializer.js")
+    assert "/api/docs" in (await initializer.content()).decode()
+    bundle = await gateway.get("/api/docs/ui/swagger-ui-bundle.js")
+    assert bundle.code == 200 and len(await bundle.content()) > 100_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_random_paths_do_not_grow_series(gateway, upstream):
+    """1,000 distinct unknown paths add one 'unmatched' series, not a thousand."""
+    await (await gateway.get("/api/data/products")).content()
+    for i in range(1000):
+        await (await gateway.get(f"/scan/{i}/x{i}")).content()
+    metrics = await gateway.get("/metrics")
+    text = (await metrics.content()).decode()
+    series = _series(text, "deltagw_http_requests_total")
+    assert any('route="/api/data/products"' in line for line in series)
+    unmatched = [line for line in series if 'route="unmatched"' in line]
+    assert len(unmatched) == 1 and unmatched[0].endswith(" 1000.0")
+    assert all("/scan/" not in line for line in text.splitlines())
+    assert _series(text, "deltagw_upstream_request_duration_seconds_count")
+    assert _series(text, "deltagw_circuit_state")
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_restricted_by_allow_list(make_gateway):
+    """With METRICS_ALLOW, a client outside it gets 404 and nothing else changes."""
+    gateway = await make_gateway(METRICS_ALLOW="10.0.0.0/8")
+    refused = await gateway.get("/metrics")
+    await refused.content()
+    assert refused.code == 404
+    allowed = await make_gateway(METRICS_ALLOW="127.0.0.0/8")
+    response = await allowed.get("/metrics")
+    assert response.code == 200 and b"deltagw_http_requests_total" in await response.content()
