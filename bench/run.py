@@ -64,6 +64,9 @@ TARGET_PASSTHROUGH_RATIO = 0.06
 TARGET_RSS_MB = 80.0
 TARGET_IDLE_CONNECTIONS = 10_000
 TARGET_IDLE_RSS_MB = 300.0
+TARGET_WORKERS_RATIO = 1.6      # issue 9 item 3: 2 workers vs 1 process at 64 connections
+TARGET_LIMITER_LOCAL_US = 5.0   # issue 5 item 7 (bench/limiter.py)
+TARGET_LIMITER_REDIS_MS = 1.0
 
 
 class BenchError(Exception):
@@ -211,6 +214,21 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def children_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each direct child of ``pid`` (the workers of a --workers parent)."""
+    out: dict[int, float] = {}
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for child in f.read().split():
+                try:
+                    out[int(child)] = proc_cpu_seconds(int(child))
+                except (OSError, ValueError):
+                    pass
+    except OSError:
+        pass
+    return out
+
+
 def ours_cpu_seconds(pids: list[int]) -> float:
     """CPU used by this benchmark: itself, finished children (wrk) and ``pids``."""
     me = resource.getrusage(resource.RUSAGE_SELF)
@@ -340,7 +358,8 @@ http {{
 
 
 def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
-                  workers: int | None) -> tuple[int, subprocess.Popen, Path]:
+                  workers: int | None, name: str = "gateway",
+                  extra_env: dict[str, str] | None = None) -> tuple[int, subprocess.Popen, Path]:
     port = free_port()
     env = dict(os.environ)
     for key in list(env):  # default everything else
@@ -352,8 +371,9 @@ def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
         # The limiter's budget must not be what the load measures.
         "RATE_LIMIT_REQUESTS": "100000000",
         "RATE_LIMIT_WINDOW": "1",
+        **(extra_env or {}),
     })
-    log = tmp / "gateway.log"
+    log = tmp / f"{name}.log"
     argv = [twistd, "-n", "--pidfile=", "deltagw"]
     if workers:
         argv.append(f"--workers={workers}")
@@ -362,14 +382,35 @@ def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
         stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=_child_nofile,
     )
-    procs.add("gateway", proc, signal.SIGTERM)
+    procs.add(name, proc, signal.SIGTERM)
     try:
         wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/health", 1)[0] == 200,
-                   20, "gateway", alive=lambda: proc.poll() is None)
+                   20, name, alive=lambda: proc.poll() is None)
     except BenchError:
         print(tail(log), file=sys.stderr)
         raise
     return port, proc, log
+
+
+def start_baseline(tmp: Path, procs: Processes, python: str,
+                   upstream_port: int) -> tuple[int, subprocess.Popen]:
+    """The bare Twisted proxy (bench/baseline_proxy.py), for calibration."""
+    port = free_port()
+    log = tmp / "baseline.log"
+    proc = subprocess.Popen(
+        [python, str(BENCH_DIR / "baseline_proxy.py"), str(port),
+         f"http://{LOOPBACK}:{upstream_port}"],
+        cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=_child_nofile,
+    )
+    procs.add("baseline", proc, signal.SIGTERM)
+    try:
+        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 1)[0] == 200,
+                   20, "baseline proxy", alive=lambda: proc.poll() is None)
+    except BenchError:
+        print(tail(log), file=sys.stderr)
+        raise
+    return port, proc
 
 
 # ---------------------------------------------------------------- wrk
@@ -405,8 +446,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     }
 
 
-def run_wrk(wrk: str, url: str, connections: int, duration: float) -> dict[str, Any]:
-    threads = 1 if connections == 1 else 2
+def run_wrk(wrk: str, url: str, connections: int, duration: float,
+            threads: int | None = None) -> dict[str, Any]:
+    threads = threads or (1 if connections == 1 else 2)
     duration = max(1, round(duration))  # wrk takes whole seconds only
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
     try:
@@ -733,7 +775,9 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def verdict(ok: bool | None) -> str:
+def verdict(ok: bool | str | None) -> str:
+    if isinstance(ok, str):  # "INFO": a figure reported without a target
+        return ok
     return {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
 
 
@@ -751,6 +795,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-idle", action="store_true", help="skip the idle-connections scenario")
     parser.add_argument("--workers", type=int, default=None,
                         help="pass --workers=N to the gateway (only if it supports it)")
+    parser.add_argument("--compare-workers", type=int, default=2, metavar="N",
+                        help="also run small_64c through one process and through --workers N, "
+                             "wrk with 1 thread for both, and report the throughput ratio "
+                             "(default 2; 0 = off)")
+    parser.add_argument("--limiter-cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run small_64c through a gateway with RATE_LIMIT_REQUESTS=0 "
+                             "(CPU/request difference) and run bench/limiter.py (default on)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run small_64c through bench/baseline_proxy.py, a bare "
+                             "Twisted proxy, for calibration (default on)")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="also sample the gateway with py-spy under the 64-connection "
                              "load for SECONDS and print the top 15 frames by own time")
@@ -761,6 +815,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.warmup < 0 or args.idle_connections < 0:
         parser.error("--rounds must be ≥ 1, --duration > 0, --warmup and --idle-connections ≥ 0")
+    if args.compare_workers == 1 or args.compare_workers < 0:
+        parser.error("--compare-workers must be 0 (off) or ≥ 2")
+    if args.compare_workers and (args.workers or 1) > 1:
+        parser.error("--compare-workers compares with a single-process gateway: omit --workers")
 
     wrk = shutil.which("wrk")
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -789,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"] = machine_info(twistd)
         results["settings"] = {"duration_s": args.duration, "rounds": args.rounds,
                                "warmup_s": args.warmup, "workers": args.workers,
+                               "compare_workers": args.compare_workers,
+                               "limiter_cost": args.limiter_cost, "baseline": args.baseline,
                                "idle_connections": None if args.no_idle else args.idle_connections,
                                "nofile_limit": nofile}
         m = results["machine"]
@@ -798,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltagw benchmark — {m['date']} — {m['nproc']} CPU ({m['cpu_model']}), "
               f"Python {m.get('python')}, Twisted {m.get('twisted')}, deltagw {m.get('deltagw')} "
               f"@ {m['git_commit']}")
+        print(f"  load average at start {' '.join(m['loadavg_at_start'])}; "
+              f"kernel {m['kernel']}, {m['wrk']}, {m['nginx']}")
 
         direct_port = start_nginx(tmp, procs, nginx)
         gw_port, gw, gw_log = start_gateway(tmp, procs, twistd, direct_port, args.workers)
@@ -811,24 +873,93 @@ def main(argv: list[str] | None = None) -> int:
         urls = {key: {"direct": f"http://{LOOPBACK}:{direct_port}{dpath}",
                       "gateway": f"http://{LOOPBACK}:{gw_port}{gpath}"}
                 for key, _, dpath, gpath, _ in SCENARIOS}
+
+        # Variants of small_64c run in the same rounds, right after the gateway's run:
+        # (name, label, url, wrk threads or None for the default, pid whose CPU counts).
+        small_path = SCENARIOS[1][3]
+        variants: list[tuple[str, str, str, int | None, int]] = []
+        variant_logs: list[Path] = []
+        if args.limiter_cost:
+            # Two fresh twins that serve only this load, so that both have the same
+            # history (the main gateway serves every scenario); their order
+            # alternates between rounds.
+            for name, label, env in (
+                    ("limiter_on", "limiter on (large budget)", {}),
+                    ("limiter_off", "limiter off (RATE_LIMIT_REQUESTS=0)",
+                     {"RATE_LIMIT_REQUESTS": "0"})):
+                port, proc, log = start_gateway(tmp, procs, twistd, direct_port, args.workers,
+                                                name=f"gateway-{name.replace('_', '-')}",
+                                                extra_env=env)
+                variants.append((f"gateway_{name}", f"gateway twin, {label}",
+                                 f"http://{LOOPBACK}:{port}{small_path}", None, proc.pid))
+                variant_logs.append(log)
+        if args.baseline:
+            port, proc = start_baseline(tmp, procs, str(Path(twistd).parent / "python"),
+                                        direct_port)
+            variants.append(("baseline_proxy", "bare Twisted proxy (bench/baseline_proxy.py)",
+                             f"http://{LOOPBACK}:{port}{SCENARIOS[1][2]}", None, proc.pid))
+        if args.compare_workers:
+            port, proc, log = start_gateway(tmp, procs, twistd, direct_port, args.compare_workers,
+                                            name=f"gateway-workers{args.compare_workers}")
+            # /health answers once any worker serves; wait for all of them to exist
+            # (the warm-up then gives each time to adopt the socket).
+            wait_until(lambda: len(children_cpu_seconds(proc.pid)) >= args.compare_workers,
+                       20, f"{args.compare_workers} workers", alive=lambda: proc.poll() is None)
+            if not args.warmup:
+                time.sleep(2)
+            variants.append(("gateway_1proc_t1", "gateway, 1 process, wrk 1 thread",
+                             urls["small_64c"]["gateway"], 1, gw.pid))
+            variants.append((f"gateway_workers{args.compare_workers}_t1",
+                             f"gateway --workers {args.compare_workers}, wrk 1 thread",
+                             f"http://{LOOPBACK}:{port}{small_path}", 1, proc.pid))
+            variant_logs.append(log)
+        for name, label, url, _, pid in variants:
+            status, body, _ = http_get(url)
+            if status != 200 or body != underlying_body():
+                raise BenchError(f"body check: {label} answered {status} with "
+                                 f"{len(body)} bytes, not the fixture")
+        if variants:
+            print("  also at 64 connections: " + "; ".join(
+                f"{label} (pid {pid})" for _, label, _, _, pid in variants))
+
+        # What each scenario runs in a round: (target, url, wrk threads, pid for CPU).
+        plan: dict[str, list[tuple[str, str, int | None, int | None]]] = {
+            key: [("direct", urls[key]["direct"], None, None),
+                  ("gateway", urls[key]["gateway"], None, gw.pid)] for key, *_ in SCENARIOS}
+        plan["small_64c"] += [(name, url, threads, pid) for name, _, url, threads, pid in variants]
         if args.warmup:
             for key, _, _, _, conns in SCENARIOS:
-                for target in ("direct", "gateway"):
-                    run_wrk(wrk, urls[key][target], conns, args.warmup)
+                for target, url, threads, _ in plan[key]:
+                    run_wrk(wrk, url, conns, args.warmup, threads)
 
         # How much of the machine did other processes take? (noise indicator)
         nginx_pid = procs.procs[0][1].pid
-        busy0, ours0, wall0 = machine_busy_seconds(), ours_cpu_seconds([gw.pid, nginx_pid]), \
+        measured = [gw.pid, nginx_pid, *sorted({pid for *_, pid in variants} - {gw.pid})]
+        busy0, ours0, wall0 = machine_busy_seconds(), ours_cpu_seconds(measured), \
             time.monotonic()
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            key: {"direct": [], "gateway": []} for key, *_ in SCENARIOS}
+            key: {target: [] for target, *_ in plan[key]} for key, *_ in SCENARIOS}
         for rnd in range(1, args.rounds + 1):
             for key, desc, _, _, conns in SCENARIOS:
-                for target in ("direct", "gateway"):
-                    cpu0 = proc_cpu_seconds(gw.pid)
-                    r = run_wrk(wrk, urls[key][target], conns, args.duration)
-                    cpu1 = proc_cpu_seconds(gw.pid)
-                    if target == "gateway":
+                order = list(plan[key])
+                if rnd % 2 == 0 and key == "small_64c" and args.limiter_cost:
+                    i, j = (next(n for n, t in enumerate(order) if t[0] == name)
+                            for name in ("gateway_limiter_on", "gateway_limiter_off"))
+                    order[i], order[j] = order[j], order[i]
+                for target, url, threads, pid in order:
+                    # The process and its children: a --workers parent and its workers.
+                    cpu0 = tree_cpu_seconds(pid) if pid else 0.0
+                    kids0 = children_cpu_seconds(pid) if pid else {}
+                    r = run_wrk(wrk, url, conns, args.duration, threads)
+                    cpu1 = tree_cpu_seconds(pid) if pid else 0.0
+                    kids1 = children_cpu_seconds(pid) if pid else {}
+                    split = ""
+                    if len(kids1) > 1:
+                        # How evenly the kernel spread the connections over the workers.
+                        r["worker_cpu_s"] = [round(kids1[k] - kids0.get(k, 0.0), 3)
+                                             for k in sorted(kids1)]
+                        split = f", per worker CPU {' / '.join(f'{c:.2f}' for c in r['worker_cpu_s'])} s"
+                    if pid:
                         r["gateway_cpu_s"] = round(cpu1 - cpu0, 3)
                         r["cpu_us_per_request"] = (
                             round((cpu1 - cpu0) * 1e6 / r["requests"], 1) if r["requests"] else None)
@@ -840,14 +971,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  ERROR {msg}\n{raw}", file=sys.stderr)
                         errors.append(msg)
                     runs[key][target].append(r)
-                    cpu = (f", gateway CPU {r['cpu_us_per_request']} µs/req"
-                           if target == "gateway" else "")
-                    print(f"  round {rnd} {key:<10} {target:<7} {r['rps']:>10.0f} req/s "
-                          f"p50 {r['p50_ms']:.3f} ms{cpu}"
+                    cpu = f", CPU {r['cpu_us_per_request']} µs/req" if pid else ""
+                    print(f"  round {rnd} {key:<10} {target:<22} {r['rps']:>10.0f} req/s "
+                          f"p50 {r['p50_ms']:.3f} ms{cpu}{split}"
                           f"{'  (ERRORS)' if r['non_2xx_3xx'] or bad else ''}")
         memory_after = proc_memory_mb(gw.pid)
         others = ((machine_busy_seconds() - busy0)
-                  - (ours_cpu_seconds([gw.pid, nginx_pid]) - ours0)) / (time.monotonic() - wall0)
+                  - (ours_cpu_seconds(measured) - ours0)) / (time.monotonic() - wall0)
         results["other_processes_cpus_busy"] = round(max(0.0, others), 2)
         if others > 0.1:
             print(f"  WARNING: other processes kept {others:.2f} CPUs busy during the runs "
@@ -870,6 +1000,42 @@ def main(argv: list[str] | None = None) -> int:
             summary[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}
         results["runs"] = runs
         results["summary"] = summary
+        results["small_64c_variants"] = variant_summary = {
+            name: {"label": label, "wrk_threads": threads or 2,
+                   "rps": median([r["rps"] for r in runs["small_64c"][name]]),
+                   "p50_ms": median([r["p50_ms"] for r in runs["small_64c"][name]]),
+                   "cpu_us_per_request": median([r["cpu_us_per_request"]
+                                                 for r in runs["small_64c"][name]])}
+            for name, label, _, threads, _ in variants}
+        limiter_cost = workers_cmp = None
+        if args.limiter_cost:
+            pairs = zip(runs["small_64c"]["gateway_limiter_on"],
+                        runs["small_64c"]["gateway_limiter_off"])
+            diffs = [on["cpu_us_per_request"] - off["cpu_us_per_request"] for on, off in pairs
+                     if on["cpu_us_per_request"] is not None
+                     and off["cpu_us_per_request"] is not None]
+            on, off = (variant_summary[f"gateway_limiter_{x}"] for x in ("on", "off"))
+            limiter_cost = results["limiter_cost_in_gateway"] = {
+                "cpu_us_per_request_on": on["cpu_us_per_request"],
+                "cpu_us_per_request_off": off["cpu_us_per_request"],
+                "per_round_difference_us": [round(d, 1) for d in diffs],
+                "median_difference_us": round(median(diffs), 1) if diffs else None,
+                "rps_on": on["rps"], "rps_off": off["rps"],
+            }
+        if args.compare_workers:
+            one = runs["small_64c"]["gateway_1proc_t1"]
+            many = runs["small_64c"][f"gateway_workers{args.compare_workers}_t1"]
+            ratio = (median([r["rps"] for r in many]) / median([r["rps"] for r in one])
+                     if median([r["rps"] for r in one]) else None)
+            workers_cmp = results["workers_comparison"] = {
+                "workers": args.compare_workers, "wrk_threads": 1,
+                "rps_one_process": median([r["rps"] for r in one]),
+                "rps_workers": median([r["rps"] for r in many]),
+                "ratio": round(ratio, 3) if ratio else None,
+                "per_round_ratio": [round(m["rps"] / o["rps"], 3) if o["rps"] else None
+                                    for o, m in zip(one, many)],
+                "note": "wrk, nginx and the gateway share the machine's CPUs: a lower bound",
+            }
         results["gateway_memory_after_runs_mb"] = {
             "rss": round(memory_after["VmRSS"], 1), "hwm": round(memory_after["VmHWM"], 1)}
 
@@ -897,8 +1063,36 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"idle connections: /health answered {idle['health_while_held']} "
                               "while they were held")
 
+        if args.limiter_cost:
+            print("  measuring the limiter on its own (bench/limiter.py)…")
+            out = tmp / "limiter.json"
+            # Its own session, stopped like the other children: SIGTERM reaches both
+            # it and the redis-server it starts, so neither outlives an interrupted run.
+            lim_log = tmp / "limiter.log"
+            lim = subprocess.Popen([str(Path(twistd).parent / "python"),
+                                    str(BENCH_DIR / "limiter.py"), "--json", str(out)],
+                                   cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(lim_log, "wb"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+            procs.add("limiter", lim, signal.SIGTERM)
+            try:
+                lim.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                raise BenchError("bench/limiter.py did not finish in 600 s") from None
+            if lim.returncode != 0 or not out.exists():
+                raise BenchError(f"bench/limiter.py failed ({lim.returncode}): "
+                                 f"{tail(lim_log)}")
+            results["limiter"] = json.loads(out.read_text())
+
         if gw.poll() is not None:
             errors.append(f"the gateway exited with status {gw.returncode} during the run")
+        for name, proc, _ in procs.procs:
+            if name != "limiter" and proc.poll() is not None:
+                errors.append(f"{name} exited with status {proc.returncode} during the run")
+        for log in variant_logs:
+            for what, count in scan_gateway_log(log)["errors"].items():
+                msg = f"{log.stem} logged {count} × {what}"
+                print(f"  ERROR {msg}", file=sys.stderr)
+                errors.append(msg)
         results["gateway_log"] = scan_gateway_log(gw_log)
         bad = {k: v for k, v in results["gateway_log"]["responses_by_status_and_outcome"].items()
                if not k.startswith(("2", "3"))}
@@ -922,6 +1116,31 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(s['direct_p50_ms'], '.3f') + ' ms':>12}"
                   f"{fmt(s['gateway_p50_ms'], '.3f') + ' ms':>13}"
                   f"{fmt(s['gateway_cpu_us_per_request'], '.0f') + ' µs':>10}")
+        if variants:
+            g = summary["small_64c"]
+            print(f"\nsmall JSON (~600 B), 64 connections, same rounds{'':<14}"
+                  f"{'req/s':>10}{'p50':>12}{'CPU/req':>10}")
+            rows = [("gateway (the main one, limiter on), wrk 2 threads", g["gateway_rps"],
+                     g["gateway_p50_ms"], g["gateway_cpu_us_per_request"])]
+            rows += [(v["label"] + ("" if v["wrk_threads"] == 1 else ", wrk 2 threads"),
+                      v["rps"], v["p50_ms"], v["cpu_us_per_request"])
+                     for v in variant_summary.values()]
+            for label, rps, p50, cpu in rows:
+                print(f"  {label:<66}{fmt(rps, ',.0f'):>10}{fmt(p50, '.3f') + ' ms':>12}"
+                      f"{fmt(cpu, '.0f') + ' µs':>10}")
+            if workers_cmp:
+                print(f"  (--workers {workers_cmp['workers']}: CPU/req sums the parent and its "
+                      f"workers; wrk (1 thread), nginx and the gateway share the "
+                      f"{os.cpu_count()} CPUs, so the ratio is a lower bound)")
+        if "limiter" in results:
+            lim = results["limiter"]
+            print(f"limiter on its own (bench/limiter.py): in-process "
+                  f"{lim['local']['us_per_call']:.2f} µs CPU per consume; Redis "
+                  + (lim["redis"]["skipped"] if "skipped" in lim["redis"] else
+                     f"{lim['redis']['median_ms']:.3f} ms median, {lim['redis']['p99_ms']:.3f} ms "
+                     f"p99, {lim['redis']['failures']} timeouts/failures, client CPU "
+                     f"{lim['redis']['client_cpu_us_per_call']:.0f} µs/call incl. kernel "
+                     f"loopback (redis {lim['redis']['redis_version']})"))
         mem = results["gateway_memory_after_runs_mb"]
         print(f"other processes on the machine during the runs: "
               f"{results['other_processes_cpus_busy']:.2f} CPUs busy (of {os.cpu_count()})")
@@ -959,6 +1178,44 @@ def main(argv: list[str] | None = None) -> int:
              idle["held"] >= TARGET_IDLE_CONNECTIONS
              and idle["rss_mb_while_held"] < TARGET_IDLE_RSS_MB),
         ]
+        if args.limiter_cost:
+            lim = results["limiter"]
+            loc, red = lim["local"], lim["redis"]
+            targets += [
+                ("in-process limiter CPU per consume < 5 µs",
+                 f"{loc['us_per_call']:.2f} µs ({loc['calls']:,} calls, {loc['keys']:,} keys)",
+                 loc["us_per_call"] < TARGET_LIMITER_LOCAL_US),
+                ("Redis limiter median latency < 1 ms",
+                 red["skipped"] if "skipped" in red else
+                 f"{red['median_ms']:.3f} ms, p99 {red['p99_ms']:.3f} ms "
+                 f"({red['calls']:,} sequential, {red['failures']} failed)",
+                 None if "skipped" in red else
+                 red["median_ms"] < TARGET_LIMITER_REDIS_MS and not red["failures"]),
+                ("limiter cost through the gateway (64 conns)",
+                 f"{fmt(limiter_cost['median_difference_us'], '+.0f')} µs/req CPU, twins on − off "
+                 f"(rounds: {', '.join(f'{d:+.0f}' for d in limiter_cost['per_round_difference_us'])}; "
+                 f"noisy)", "INFO"),
+            ]
+        else:
+            targets += [("in-process limiter CPU per consume < 5 µs", "not run", None),
+                        ("Redis limiter median latency < 1 ms", "not run", None)]
+        if workers_cmp:
+            targets.append((f"{workers_cmp['workers']} workers ≥ 1.6 × one process (64 conns)",
+                            f"{fmt(workers_cmp['ratio'], '.2f')} × "
+                            f"({fmt(workers_cmp['rps_workers'], ',.0f')} vs "
+                            f"{fmt(workers_cmp['rps_one_process'], ',.0f')} req/s; rounds "
+                            f"{', '.join(fmt(x, '.2f') for x in workers_cmp['per_round_ratio'])}; "
+                            f"lower bound, shared CPUs)",
+                            workers_cmp["ratio"] is not None
+                            and workers_cmp["ratio"] >= TARGET_WORKERS_RATIO))
+        else:
+            targets.append(("2 workers ≥ 1.6 × one process (64 conns)", "not run", None))
+        if args.baseline:
+            b = variant_summary["baseline_proxy"]["cpu_us_per_request"]
+            cpu_g = summary["small_64c"]["gateway_cpu_us_per_request"]
+            targets.append(("bare Twisted proxy CPU/req (64 conns), calibration",
+                            f"{fmt(b, '.0f')} µs; gateway {fmt(cpu_g, '.0f')} µs = "
+                            f"{fmt(cpu_g / b if b and cpu_g else None, '.1f')} × baseline", "INFO"))
         results["targets"] = [{"target": t, "value": v, "result": verdict(ok)}
                               for t, v, ok in targets]
         print("\ntargets:")
