@@ -102,26 +102,25 @@ class Route:
     subtree: bool = False
     parts: tuple[Part, ...] = ()
     params: tuple[str, ...] = field(init=False)
+    public_paths: tuple[str, ...] = field(init=False)
+    """Every public path template of this route (one per API prefix)."""
+    template: str = field(init=False)
+    """The canonical public template, used as the metric ``route`` label."""
 
     def __post_init__(self) -> None:
+        # Derived once: the request path reads them on every request.
         object.__setattr__(self, "params", tuple(re.findall(r"{(\w+)}", self.path)))
-
-    @property
-    def public_paths(self) -> tuple[str, ...]:
-        """Every public path template of this route (one per API prefix)."""
-        if not self.versioned:
-            return (self.path,)
-        return tuple(prefix + self.path for prefix in API_PREFIXES)
+        paths = (
+            tuple(prefix + self.path for prefix in API_PREFIXES) if self.versioned else (self.path,)
+        )
+        object.__setattr__(self, "public_paths", paths)
+        object.__setattr__(self, "template", paths[0])
 
     @property
     def composed(self) -> bool:
         """Whether the gateway answers by combining upstream calls (``parts``)."""
         return bool(self.parts)
 
-    @property
-    def template(self) -> str:
-        """The canonical public template, used as the metric ``route`` label."""
-        return self.public_paths[0]
 
 
 _PRODUCT = "product"
