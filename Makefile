@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 
 run: install
-	$(VENV)/bin/twistd --nodaemon --pidfile= deltagw
+	$(VENV)/bin/twistd --nodaemon --pidfile= deltagw --demo
 
 test: install
 	$(PY) -m pytest
