@@ -303,3 +303,26 @@ async def test_demo_auth_logout_revokes_through_gateway(make_gateway, demo_auth,
     after = await gateway.get("/api/user/me", headers=_bearer(token))
     await after.content()
     assert after.code == (401 if ttl == "0" else 200)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_verification_makes_no_auth_call(make_gateway, auth):
+    """With JWT_SECRET tokens are checked in-process: valid ones pass, forged ones fail, auth is never called."""
+    import time
+
+    import jwt
+
+    secret = "local-verification-secret-of-32-bytes!"
+    gateway = await make_gateway(AUTH_SERVICE_URL=auth.url, JWT_SECRET=secret)
+    now = int(time.time())
+    claims = {"sub": "42", "email": "local@example.com", "iat": now, "exp": now + 300}
+    good = jwt.encode(claims, secret, algorithm="HS256").encode()
+    forged = jwt.encode(claims, "another-secret-of-thirty-two-bytes!!", algorithm="HS256").encode()
+    unsigned = jwt.encode(claims, None, algorithm="none").encode()
+    response = await gateway.get("/api/user/me", headers=_bearer(good))
+    assert await _json(response) == {"user_id": "42", "email": "local@example.com"}
+    for token in (forged, unsigned):
+        refused = await gateway.get("/api/user/me", headers=_bearer(token))
+        await refused.content()
+        assert refused.code == 401
+    assert auth.verifications() == 0
