@@ -131,8 +131,9 @@ class Gateway:
             self.metrics.rate_limited(route.group)
             raise
         if decision is not None:
+            set_raw = request.responseHeaders.setRawHeaders
             for name, value in decision.headers():
-                request.setHeader(name, value)
+                set_raw(name, [value])
         if route.composed:
             # Backend for Frontend (issue 7): the parts are called in parallel,
             # each as a forwarded call of its own row would be.

@@ -38,9 +38,13 @@ def check_target(uri: bytes) -> None:
         BadRequest: raw non-ASCII or control bytes, broken percent-encoding,
             or a path or query that does not decode to UTF-8 text.
     """
-    path, _, query = uri.partition(b"?")
     if not _URL_CHARS.match(uri):
         raise BadRequest("Invalid characters in URL")
+    if b"%" not in uri:
+        # Printable ASCII with nothing escaped: already valid UTF-8 text,
+        # with no control character to find.
+        return
+    path, _, query = uri.partition(b"?")
     if _BAD_PERCENT.search(uri):
         raise BadRequest("Invalid percent-encoding in URL")
     try:

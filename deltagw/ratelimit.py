@@ -103,16 +103,18 @@ class Decision:
         reset = _whole_seconds(self.reset_after)
         t = reset if self.allowed else self.retry_after
         window = max(1, _whole_seconds(self.window))
+        # Formatted straight to bytes: this runs on every limited request.
+        policy = self.policy.encode("ascii")
         fields = [
-            (b"RateLimit-Policy", f'"{self.policy}";q={self.limit};w={window}'),
-            (b"RateLimit", f'"{self.policy}";r={self.remaining};t={t}'),
-            (b"X-RateLimit-Limit", str(self.limit)),
-            (b"X-RateLimit-Remaining", str(self.remaining)),
-            (b"X-RateLimit-Reset", str(reset)),
+            (b"RateLimit-Policy", b'"%b";q=%d;w=%d' % (policy, self.limit, window)),
+            (b"RateLimit", b'"%b";r=%d;t=%d' % (policy, self.remaining, t)),
+            (b"X-RateLimit-Limit", b"%d" % self.limit),
+            (b"X-RateLimit-Remaining", b"%d" % self.remaining),
+            (b"X-RateLimit-Reset", b"%d" % reset),
         ]
         if not self.allowed:
-            fields.append((b"Retry-After", str(self.retry_after)))
-        return [(name, value.encode("ascii")) for name, value in fields]
+            fields.append((b"Retry-After", b"%d" % self.retry_after))
+        return fields
 
 
 def _whole_seconds(seconds: float) -> int:

@@ -18,7 +18,6 @@ from deltagw.metrics import Metrics
 
 _access_log = get_logger(component="access")
 
-
 class _CappedBody(io.BytesIO):
     """A request body buffer that stops storing past its limit."""
 
