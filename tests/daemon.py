@@ -15,6 +15,19 @@ from typing import Any
 from tests.support import wait_until
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
+SYSTEMD_EXEC = """
+import os, sys
+fd = int(os.environ.pop("DGW_FD"))
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="deltagw.socket")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+"""Run as ``python -c SYSTEMD_EXEC twistd ...``: hands the socket in DGW_FD over
+as systemd would (fd 3, LISTEN_FDS, and LISTEN_PID naming the exec'd process,
+which the parent cannot know before it starts)."""
+
 _STARTING_ON = re.compile(r"GatewaySite starting on (\d+)")
 
 

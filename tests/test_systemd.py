@@ -28,6 +28,7 @@ import pytest
 from twisted.internet import defer, task
 
 from deltagw.systemd import SystemdNotifier, notify, watchdog_interval
+from tests.daemon import SYSTEMD_EXEC
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -442,15 +443,6 @@ def test_twistd_notifies_ready_watchdog_and_stopping(
     assert code in (0, -signal.SIGTERM), daemon.output()
 
 
-_SYSTEMD_EXEC = """
-import os, sys
-fd = int(os.environ.pop("DGW_FD"))
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="deltagw.socket")
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 def test_twistd_serves_on_a_socket_passed_by_systemd(daemons: Callable[..., Daemon]) -> None:
@@ -465,7 +457,7 @@ def test_twistd_serves_on_a_socket_passed_by_systemd(daemons: Callable[..., Daem
         # `sh -c 'LISTEN_PID=$$ exec ...'`: dash cannot redirect fds above 9.)
         # systemd (since v227) also names each socket, by default after its
         # unit, and Twisted wants as many names as descriptors.
-        wrapper = [sys.executable, "-c", _SYSTEMD_EXEC, *twistd_argv()]
+        wrapper = [sys.executable, "-c", SYSTEMD_EXEC, *twistd_argv()]
         env = child_environ(PORT="systemd:domain=INET:index=0", DGW_FD=str(fd))
         daemon = daemons(wrapper, env, pass_fds=[fd])
         # The kernel queues our connection on the inherited socket until

@@ -39,6 +39,7 @@ from deltagw.workers import (
     listen_endpoint,
     worker_environment,
 )
+from tests.daemon import SYSTEMD_EXEC
 
 TWISTD = Path(sys.executable).parent / "twistd"
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
@@ -370,15 +371,6 @@ def test_workers_serve_tls_on_an_ssl_port(
     assert serving_pids(daemon, port, lambda seen: len(seen) == 2, context=context) == pids
 
 
-_SYSTEMD_EXEC = """
-import os, sys
-fd = int(os.environ.pop("DGW_FD"))
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="deltagw.socket")
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 def test_workers_share_a_socket_passed_by_systemd(supervised: Callable[..., Supervised]) -> None:
@@ -386,7 +378,7 @@ def test_workers_share_a_socket_passed_by_systemd(supervised: Callable[..., Supe
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         fd = listener.fileno()
-        wrapper = [sys.executable, "-c", _SYSTEMD_EXEC, *twistd("--workers", "2")]
+        wrapper = [sys.executable, "-c", SYSTEMD_EXEC, *twistd("--workers", "2")]
         env = child_environ(PORT="systemd:domain=INET:index=0", DGW_FD=str(fd))
         daemon = supervised(wrapper, env, pass_fds=[fd])
     served_port, pids = daemon.serving(2)
