@@ -107,6 +107,18 @@ class Success:
 
 _UPSTREAM_NOTE = " Relayed unchanged from the {} service; the shape shown is the reference backend's."
 
+_PCR_FIELDS: dict[str, Any] = {
+    "expiry": {"type": "string", "format": "date", "nullable": True},
+    "pcr_oi": _NUMBER,
+    "pcr_volume": _NUMBER,
+    "total_call_oi": _INTEGER,
+    "total_put_oi": _INTEGER,
+    "total_call_volume": _INTEGER,
+    "total_put_volume": _INTEGER,
+}
+"""The analytics service's put/call ratios (also the overview's ``pcr`` part)."""
+
+
 SUCCESS: dict[str, Success] = {
     "auth_register": Success(
         "Registered and logged in.",
@@ -133,16 +145,7 @@ SUCCESS: dict[str, Success] = {
         "calls": {"type": "array", "items": _OPTION_QUOTE},
         "puts": {"type": "array", "items": _OPTION_QUOTE},
     })),
-    "analytics_pcr": Success("Put/call ratios.", _object({
-        "product": _STRING,
-        "expiry": {"type": "string", "format": "date", "nullable": True},
-        "pcr_oi": _NUMBER,
-        "pcr_volume": _NUMBER,
-        "total_call_oi": _INTEGER,
-        "total_put_oi": _INTEGER,
-        "total_call_volume": _INTEGER,
-        "total_put_volume": _INTEGER,
-    })),
+    "analytics_pcr": Success("Put/call ratios.", _object({"product": _STRING, **_PCR_FIELDS})),
     "analytics_volatility_surface": Success("Implied volatility by expiry and strike.", _object({
         "product": _STRING,
         "expiries": {"type": "array", "items": _DATE},
@@ -173,15 +176,7 @@ SUCCESS: dict[str, Success] = {
                 "total_call_oi": _INTEGER,
                 "total_put_oi": _INTEGER,
             }, required=("spot", "expiry", "strikes", "atm", "total_call_oi", "total_put_oi"))),
-            "pcr": _nullable(_object({
-                "expiry": {"type": "string", "format": "date", "nullable": True},
-                "pcr_oi": _NUMBER,
-                "pcr_volume": _NUMBER,
-                "total_call_oi": _INTEGER,
-                "total_put_oi": _INTEGER,
-                "total_call_volume": _INTEGER,
-                "total_put_volume": _INTEGER,
-            })),
+            "pcr": _nullable(_object(dict(_PCR_FIELDS))),
             "errors": {"type": "array", "items": _object({
                 "part": {"type": "string", "enum": ["underlying", "chain", "pcr"]},
                 "service": {"type": "string", "enum": ["storage", "analytics"]},
