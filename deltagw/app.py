@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -43,6 +42,7 @@ from deltagw.metrics import Metrics, metrics_allowed
 from deltagw.openapi import openapi_document, server_url
 from deltagw.proxy import Proxy
 from deltagw.routes import ROUTES, Route
+from deltagw.upstream import Header
 
 _log = get_logger(component="app")
 
@@ -149,7 +149,9 @@ class Gateway:
         await self.proxy.forward(request, route.service, url, headers, timeout)
         return None
 
-    def _upstream_headers(self, request: Any, route: Route, identity: Identity | None) -> Headers:
+    def _upstream_headers(
+        self, request: Any, route: Route, identity: Identity | None
+    ) -> list[Header]:
         """The header fields of one upstream request made for ``request``.
 
         Built afresh per upstream call: each gets its own trace span id.

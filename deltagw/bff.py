@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.web.http_headers import Headers
 
 from deltagw.config import Settings
 from deltagw.errors import (
@@ -37,6 +36,7 @@ from deltagw.errors import (
 from deltagw.metrics import Metrics
 from deltagw.proxy import Proxy
 from deltagw.routes import Part, Route, part_route
+from deltagw.upstream import Header
 
 Summary = Callable[[Any], Any]
 
@@ -194,7 +194,7 @@ class Composer:
         route: Route,
         request: Any,
         params: dict[str, str],
-        headers_for: Callable[[Route], Headers],
+        headers_for: Callable[[Route], list[Header]],
     ) -> bytes:
         """Answer ``request`` for the composed ``route``.
 
@@ -247,7 +247,7 @@ class Composer:
         return _failure_answer(request, failed, errors)
 
     async def _part(
-        self, part: Part, target: Route, url: str, headers: Headers, latencies: dict[str, float]
+        self, part: Part, target: Route, url: str, headers: list[Header], latencies: dict[str, float]
     ) -> Any:
         """One part's summary, or a `_Failed` saying why there is none."""
         service = target.service
@@ -272,12 +272,10 @@ class Composer:
             return _Failed(part, target, "invalid_response")
 
 
-def _part_headers(headers: Headers) -> Headers:
+def _part_headers(headers: list[Header]) -> list[Header]:
     """A part's header fields: the forwarded ones, asking for plain JSON."""
-    for name in REPRESENTATION_FIELDS:
-        headers.removeHeader(name)
-    headers.setRawHeaders(b"Accept", [b"application/json"])
-    return headers
+    kept = [(name, value) for name, value in headers if name.lower() not in REPRESENTATION_FIELDS]
+    return [*kept, (b"Accept", b"application/json")]
 
 
 def _retry_after(error: UpstreamUnavailable) -> int | None:

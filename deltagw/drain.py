@@ -29,6 +29,7 @@ from twisted.web.resource import IResource, Resource
 
 from deltagw.breaker import CircuitBreaker
 from deltagw.logs import get_logger
+from deltagw.site import GatewayChannel
 
 _log = get_logger(component="drain")
 
@@ -37,7 +38,9 @@ class RequestTracker(Resource):
     """Wraps the root resource to count the requests being answered.
 
     A request counts from the moment it is rendered until its response is
-    finished or its client goes away (``notifyFinish`` fires either way).
+    finished or its client goes away (``notifyFinish`` fires either way);
+    while draining, until its connection is closed, since a finished
+    response may still sit in the socket's buffer.
     """
 
     isLeaf = True
@@ -57,10 +60,20 @@ class RequestTracker(Resource):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             request.channel.persistent = False
         self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished)
+        request.notifyFinish().addBoth(self._finished, request.channel)
         return self.wrapped.render(request)
 
-    def _finished(self, _: object) -> None:
+    def _finished(self, _: object, channel: Any) -> None:
+        if self.draining and isinstance(channel, GatewayChannel):
+            # A process that exits now would drop the response's last bytes:
+            # close the connection once they are written, and count the
+            # request until then.
+            channel.transport.loseConnection()
+            channel.when_closed().addBoth(self._done)
+            return
+        self._done(None)
+
+    def _done(self, _: object) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             waiting, self._idle = self._idle, []

@@ -188,15 +188,15 @@ def upstream_request_headers(
     *,
     pass_authorization: bool,
     added: Iterable[tuple[bytes, bytes]],
-) -> Headers:
-    """The header fields of the request the upstream receives.
+) -> list[tuple[bytes, bytes]]:
+    """The header fields of the request the upstream receives, as ``(name, value)`` pairs.
 
     End-to-end fields are copied in order; hop-by-hop fields, any
     ``X-User-*`` a client sent (identity comes only from a verified token),
     and the fields the gateway sets itself are dropped; ``added`` is appended.
     """
     named = connection_named(incoming)
-    out = Headers()
+    out = []
     for name, values in incoming.getAllRawHeaders():
         lower = name.lower()
         if (
@@ -206,28 +206,32 @@ def upstream_request_headers(
             or (lower == b"authorization" and not pass_authorization)
         ):
             continue
-        out.setRawHeaders(name, values)
-    for name, value in added:
-        out.addRawHeader(name, value)
+        out.extend((name, value) for value in values)
+    out.extend(added)
     return out
 
 
-def copy_response_headers(upstream: Headers, out: Headers) -> None:
+def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers) -> None:
     """Copy the upstream's end-to-end response fields onto the client response.
 
+    An upstream field replaces one the server set by itself (Date, Server)
+    and repeats of a name are all kept; Vary is merged with the gateway's own.
     Fields the gateway owns on its own responses (CORS, the request id) are
-    not taken from the upstream. Twisted's client has already consumed the
+    not taken from the upstream. The upstream client has already removed the
     framing fields (Content-Length, Transfer-Encoding, Connection) and the
-    pool's protocol the fields Connection names (``deltagw.proxy``).
+    fields Connection names (``deltagw.upstream``).
     """
-    for name, values in upstream.getAllRawHeaders():
+    seen: set[bytes] = set()
+    for name, value in upstream:
         lower = name.lower()
         if (
-            is_hop_by_hop(lower, set())
-            or lower.startswith(b"access-control-")
+            lower in HOP_BY_HOP
+            or lower.startswith((b"proxy-", b"access-control-"))
             or lower == b"x-request-id"
         ):
             continue
-        if lower == b"vary":
-            values = list(out.getRawHeaders(b"vary", ())) + list(values)
-        out.setRawHeaders(name, values)
+        if lower in seen or lower == b"vary":
+            out.addRawHeader(name, value)
+        else:
+            out.setRawHeaders(name, [value])
+            seen.add(lower)

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable
 from http.cookiejar import CookieJar
-from typing import IO, Any
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -35,22 +35,21 @@ from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     HTTPConnectionPool,
     ResponseDone,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from deltagw.breaker import HALF_OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.errors import UpstreamUnavailable
-from deltagw.headers import connection_named, copy_response_headers
+from deltagw.headers import copy_response_headers
 from deltagw.logs import get_logger
 from deltagw.retry import RetryPolicy, call_with_retries
 from deltagw.routes import SERVICES, Service
+from deltagw.upstream import ConnectionPool, Header, UpstreamResponse
 
 _log = get_logger(component="proxy")
 
@@ -64,36 +63,6 @@ JSON documents, never a stream."""
 
 Note = Callable[[str, float, str | None], None]
 """Records one upstream call: ``(service name, started, failure or None)``."""
-
-
-class _ConnectionHonouringProtocol(_newclient.HTTP11ClientProtocol):
-    """An HTTP/1.1 client protocol that drops the fields Connection names.
-
-    Twisted's parser moves Connection itself into ``connHeaders``, so the
-    fields it lists (RFC 9110 §7.6.1) would otherwise reach the client as if
-    they were end-to-end. The parser is private to the protocol, so the one
-    place that sees both is here.
-    """
-
-    def request(self, request: Any) -> defer.Deferred[IResponse]:
-        d = super().request(request)
-        parser = getattr(self, "_parser", None)
-        if parser is None:
-            return d
-
-        def drop_named(response: IResponse) -> IResponse:
-            for name in connection_named(parser.connHeaders):
-                response.headers.removeHeader(name)
-            return response
-
-        return d.addCallback(drop_named)
-
-
-class _ConnectionHonouringFactory(_HTTP11ClientFactory):
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> _newclient.HTTP11ClientProtocol:
-        return _ConnectionHonouringProtocol(self._quiescentCallback)
 
 
 class _NoCookies(CookieJar):
@@ -140,11 +109,15 @@ class _UpstreamEndpoints:
 
 
 class UpstreamClient:
-    """The process-wide HTTP client for every upstream call.
+    """The process-wide HTTP clients for every upstream call.
 
-    One persistent pool keeps connections to each upstream alive between
-    requests; its automatic retry is off because retrying is a policy
-    decision (idempotency, deadlines) the gateway makes itself.
+    Forwarded and composed calls go through ``pool``, a lean HTTP/1.1 client
+    (``deltagw.upstream``): twisted.web's Agent and treq cost a third of the
+    gateway's CPU per proxied request (bench/, issue 9), and treq's decoder
+    would re-encode bodies a proxy must pass through byte for byte. treq
+    (``http``) serves the gateway's own JSON calls (token verification), on
+    a Twisted pool of its own. Neither pool retries by itself: retrying is a
+    policy decision (idempotency, deadlines) the proxy makes.
     """
 
     def __init__(
@@ -154,27 +127,19 @@ class UpstreamClient:
         idle_timeout: float,
         tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool._factory = _ConnectionHonouringFactory
-        self.pool.retryAutomatically = False
-        self.pool.maxPersistentPerHost = max_idle_per_host
-        self.pool.cachedConnectionTimeout = idle_timeout
-        agent = Agent.usingEndpointFactory(
-            reactor,
-            _UpstreamEndpoints(reactor, tls_policy or BrowserLikePolicyForHTTPS()),
-            pool=self.pool,
-        )
-        # Forwarded calls use the agent itself: treq's per-request wrapping
-        # (cookie agent, gzip decoder, URL re-parsing) was a quarter of the
-        # gateway's CPU per request (bench/, issue 9), and the decoder would
-        # re-encode bodies a proxy must pass through byte for byte. treq
-        # serves the gateway's own JSON calls (token verification).
-        self.agent = agent
+        endpoints = _UpstreamEndpoints(reactor, tls_policy or BrowserLikePolicyForHTTPS())
+        self.pool = ConnectionPool(reactor, endpoints, max_idle_per_host, idle_timeout)
+        self._json_pool = HTTPConnectionPool(reactor, persistent=True)
+        self._json_pool.retryAutomatically = False
+        self._json_pool.maxPersistentPerHost = max_idle_per_host
+        self._json_pool.cachedConnectionTimeout = idle_timeout
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._json_pool)
         self.http = HTTPClient(agent, cookiejar=_NoCookies())
 
     def close(self) -> defer.Deferred[None]:
-        """Close the idle connections; fires when they are closed."""
-        return self.pool.closeCachedConnections()
+        """Close the idle connections of both pools; fires when they are closed."""
+        closing = [self.pool.close(), self._json_pool.closeCachedConnections()]
+        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def failure_reason(failure: Failure) -> str:
@@ -302,7 +267,7 @@ class Proxy:
         request: Any,
         service: Service,
         url: str,
-        headers: Any,
+        headers: list[Header] | None,
         timeout: float,
     ) -> None:
         """Send ``request`` to ``url`` and relay the response to the client.
@@ -320,7 +285,7 @@ class Proxy:
         self.in_flight[service.name] += 1
         try:
             response = await self._response_headers(
-                request.method, lambda: _body_of(request), request.note_upstream,
+                request.method, _body_of(request), request.note_upstream,
                 service, url, headers, timeout, breaker, started,
             )
             await self._relay(request, service, response, timeout, started)
@@ -331,7 +296,7 @@ class Proxy:
         self,
         service: Service,
         url: str,
-        headers: Any,
+        headers: list[Header] | None,
         timeout: float,
         note: Note | None = None,
         max_bytes: int = MAX_JSON_BYTES,
@@ -347,7 +312,7 @@ class Proxy:
         Args:
             service: The upstream service.
             url: Full upstream URL, query included.
-            headers: Request header fields (``twisted.web.http_headers.Headers``).
+            headers: Request header fields, ``(name, value)`` pairs.
             timeout: Seconds for the whole call (the service's timeout).
             note: Called as ``note(service_name, started, failure_or_None)``
                 for the headers' outcome and any body failure, like
@@ -369,7 +334,7 @@ class Proxy:
         self.in_flight[service.name] += 1
         try:
             response = await self._response_headers(
-                b"GET", lambda: None, note, service, url, headers, timeout, breaker, started
+                b"GET", None, note, service, url, headers, timeout, breaker, started
             )
             left = max(0.0, started + timeout - self._reactor.seconds())
             try:
@@ -408,15 +373,15 @@ class Proxy:
     async def _response_headers(
         self,
         method: bytes,
-        body: Callable[[], FileBodyProducer | None],
+        body: bytes | None,
         note: Note,
         service: Service,
         url: str,
-        headers: Any,
+        headers: list[Header] | None,
         timeout: float,
         breaker: CircuitBreaker,
         started: float,
-    ) -> IResponse:
+    ) -> UpstreamResponse:
         """Wait for the upstream's response headers, retrying where safe.
 
         Settles the breaker call that `_admit` acquired: the headers (or
@@ -425,10 +390,8 @@ class Proxy:
 
         target = url.encode("ascii")
 
-        def attempt() -> defer.Deferred[IResponse]:
-            # A fresh producer per attempt: FileBodyProducer closes its file
-            # when done, and a retry must send the body again from the start.
-            return self._client.agent.request(method, target, headers, body())
+        def attempt() -> defer.Deferred[UpstreamResponse]:
+            return self._client.pool.request(method, target, headers, body)
 
         # The half-open probe is a single attempt: the point of the open
         # circuit is that a dead upstream sees one connection per reset period.
@@ -436,7 +399,7 @@ class Proxy:
         d = call_with_retries(self._reactor, policy, method, attempt, started + timeout)
         d.addTimeout(timeout, self._reactor, onTimeoutCancel=_as_timeout)
         try:
-            response: IResponse = await d
+            response: UpstreamResponse = await d
         except Exception:
             failure = Failure()
             if _was_cancelled(failure):
@@ -456,7 +419,8 @@ class Proxy:
         return response
 
     async def _relay(
-        self, request: Any, service: Service, response: IResponse, timeout: float, started: float
+        self, request: Any, service: Service, response: UpstreamResponse, timeout: float,
+        started: float,
     ) -> None:
         """Write the upstream's status, headers and body to the client."""
         if response.code >= 400:
@@ -524,7 +488,7 @@ class _BodyCollector(Protocol):
 
 
 def _read_body(
-    response: IResponse, reactor: IReactorTime, timeout: float, max_bytes: int
+    response: UpstreamResponse, reactor: IReactorTime, timeout: float, max_bytes: int
 ) -> defer.Deferred[bytes]:
     """The whole body of ``response``; cancelling the Deferred stops the read.
 
@@ -566,38 +530,18 @@ def _log_transition(service: str, old: str, new: str) -> None:
     _log.msg("circuit_breaker", service=service, previous_state=old, state=new)
 
 
-class _Rewound:
-    """The request body from its start, surviving FileBodyProducer's close().
+def _body_of(request: Any) -> bytes | None:
+    """The buffered request body, or None when the request has none.
 
-    ``request.content`` belongs to the server request; the producer of one
-    attempt must neither close it nor leave it mid-way for the next attempt.
+    twisted.web has already read it (at most MAX_BODY_BYTES); a retry sends
+    the same bytes again.
     """
-
-    def __init__(self, content: IO[bytes]) -> None:
-        self._content = content
-        content.seek(0)
-
-    def read(self, size: int = -1) -> bytes:
-        return self._content.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._content.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._content.tell()
-
-    def close(self) -> None:
-        """Leave the request's buffer open: a retry reads it again."""
-
-
-def _body_of(request: Any) -> FileBodyProducer | None:
-    """The buffered request body as a new producer, or None when there is none."""
     content = request.content
-    content.seek(0, 2)
-    size = content.tell()
-    if size == 0 and not request.requestHeaders.hasHeader(b"content-length"):
+    content.seek(0)
+    body: bytes = content.read()
+    if not body and not request.requestHeaders.hasHeader(b"content-length"):
         return None
-    return FileBodyProducer(_Rewound(content))
+    return body
 
 
 async def _abort(request: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.internet import defer
 from twisted.web import http, server
 
 from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
@@ -110,6 +111,23 @@ class GatewayChannel(http.HTTPChannel):
     """
 
     _head_deadline: Any = None
+    _closed = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._close_waiters: list[defer.Deferred[None]] = []
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred that fires once the connection is closed.
+
+        After ``loseConnection`` that is when the last buffered byte has
+        been written: what a draining process waits for before it exits.
+        """
+        if self._closed:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._close_waiters.append(d)
+        return d
 
     def dataReceived(self, data: bytes) -> None:
         # twisted.web's idle timeout restarts on every byte, so a client
@@ -128,6 +146,10 @@ class GatewayChannel(http.HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self._cancel_head_deadline()
         super().connectionLost(reason)
+        self._closed = True
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _cancel_head_deadline(self) -> None:
         if self._head_deadline is not None:

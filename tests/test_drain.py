@@ -13,6 +13,8 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -20,6 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from deltagw.breaker import CircuitBreaker
 from deltagw.drain import DrainService, RequestTracker
+from deltagw.site import GatewayChannel
 from deltagw.routes import ROUTES_BY_NAME
 from tests.daemon import Daemon, parse_json_lines
 from tests.support import wait_until
@@ -62,11 +65,17 @@ def test_readiness_reports_breaker_states_then_draining() -> None:
     )
 
 
+def _request() -> DummyRequest:
+    request = DummyRequest([b""])
+    request.channel = http.HTTPChannel()
+    return request
+
+
 def test_stop_waits_for_in_flight_requests() -> None:
     """stopService fires only once the requests in flight have finished."""
     drain, tracker, clock = _drain_service(grace=5)
     drain.startService()
-    request = DummyRequest([b""])
+    request = _request()
     tracker.render(request)
     assert tracker.in_flight == 1
     stopped = drain.stopService()
@@ -80,7 +89,7 @@ def test_stop_gives_up_after_grace() -> None:
     """A request still running when the grace period ends no longer holds up the stop."""
     drain, tracker, clock = _drain_service(grace=5)
     drain.startService()
-    tracker.render(DummyRequest([b""]))
+    tracker.render(_request())
     stopped = drain.stopService()
     clock.advance(4.9)
     assert not stopped.called
@@ -93,11 +102,29 @@ def test_requests_while_draining_close_their_connection() -> None:
     drain, tracker, _ = _drain_service()
     drain.startService()
     drain.stopService()
-    request = DummyRequest([b""])
-    request.channel = http.HTTPChannel()
+    request = _request()
     tracker.render(request)
     assert request.responseHeaders.getRawHeaders(b"connection") == [b"close"]
     assert request.channel.persistent is False
+
+
+def test_drain_lasts_until_finished_responses_are_written() -> None:
+    """A response finished during the drain holds the stop until its connection
+    has closed, its buffered bytes written; a process exiting earlier drops them."""
+    drain, tracker, _ = _drain_service()
+    drain.startService()
+    channel = GatewayChannel()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    request = DummyRequest([b""])
+    request.channel = channel
+    tracker.render(request)
+    stopped = drain.stopService()
+    request.finish()
+    assert transport.disconnecting and not stopped.called
+    assert tracker.in_flight == 1
+    channel.connectionLost(Failure(error.ConnectionDone()))
+    assert stopped.called and tracker.in_flight == 0
 
 
 def test_sigterm_is_left_alone_unless_the_reactor_owns_it() -> None:

@@ -36,7 +36,7 @@ GET = b"GET /api/data/products HTTP/1.1\r\nHost: gateway\r\n\r\n"
 
 
 def _pooled(gateway: Any) -> int:
-    return sum(len(c) for c in gateway.service.client.pool._connections.values())
+    return gateway.service.client.pool.idle_count
 
 
 def _silent(transport: Any, _: bytes) -> None:

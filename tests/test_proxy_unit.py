@@ -45,7 +45,7 @@ class HangingClient:
 
     def __init__(self) -> None:
         self.cancelled = 0
-        self.agent = self
+        self.pool = self
 
     def request(self, *args, **kwargs):
         def cancel(d):

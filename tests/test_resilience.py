@@ -40,7 +40,7 @@ class ScriptedClient:
     """An upstream client whose calls fail as refused, or hang until cancelled."""
 
     def __init__(self, hang: bool = False) -> None:
-        self.agent = self
+        self.pool = self
         self.calls = 0
         self.hang = hang
 
