@@ -14,7 +14,10 @@ from typing import Any
 from urllib.parse import quote
 
 from klein import Klein
+from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -115,9 +118,8 @@ class Gateway:
 
     def resource(self) -> IResource:
         """The root resource to serve: the edge wrapped around the routes."""
-        return EdgeResource(
-            self.app.resource(), self.reactor, self.settings.trusted_proxies, self.cors
-        )
+        routed = DirectRoutes(self, self.app.resource())
+        return EdgeResource(routed, self.reactor, self.settings.trusted_proxies, self.cors)
 
     async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
         """Run one matched route: answered here, or forwarded upstream."""
@@ -261,6 +263,109 @@ class Gateway:
         _log.err("unhandled_error", _stuff=failure, request_id=request.request_id.decode("ascii"))
         request.outcome = "internal_error"
         return write_error(request, GatewayError())
+
+
+class RouteIndex:
+    """The table's rows by public path: one dict lookup, or one regex a row.
+
+    Holds the rows a plain path names exactly; percent-escapes, subtrees,
+    OPTIONS and every miss are left to Klein, whose answers (decoding, 404,
+    405, preflight) are the reference.
+    """
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._exact: dict[tuple[bytes, bytes], Route] = {}
+        self._templated: list[tuple[bytes, re.Pattern[bytes], Route]] = []
+        for route in routes:
+            if route.subtree:
+                continue
+            method = route.method.encode("ascii")
+            for path in route.public_paths:
+                if "{" in path:
+                    self._templated.append((method, _path_pattern(path), route))
+                else:
+                    self._exact[method, path.encode("ascii")] = route
+
+    def match(self, method: bytes, path: bytes) -> tuple[Route, dict[str, str]] | None:
+        """The row and path parameters for a request, or None to ask Klein."""
+        if b"%" in path:
+            return None
+        if method == b"HEAD":
+            method = b"GET"  # as werkzeug does: a GET row answers HEAD too
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
+        for row_method, pattern, route in self._templated:
+            if row_method == method:
+                found = pattern.match(path)
+                if found is not None:
+                    params = {k: v.decode("ascii") for k, v in found.groupdict().items()}
+                    return route, params
+        return None
+
+
+def _path_pattern(template: str) -> re.Pattern[bytes]:
+    """``/data/chain/{product}`` as a regex: each parameter one non-empty segment."""
+    pieces = re.split(r"{(\w+)}", template)  # literal, name, literal, ...
+    regex = "".join(
+        re.escape(piece) if i % 2 == 0 else f"(?P<{piece}>[^/]+)" for i, piece in enumerate(pieces)
+    )
+    return re.compile(regex.encode("ascii") + rb"\Z")
+
+
+_INDEX = RouteIndex(ROUTES)
+
+
+class DirectRoutes(Resource):
+    """Runs the table's rows without Klein's per-request machinery.
+
+    Klein's werkzeug matching, adapters and Deferred wrapping were a sixth
+    of the CPU of a proxied request (bench/, issue 9). A request the index
+    names goes straight to `Gateway.dispatch`, with Klein's contract kept:
+    the handler is cancelled when the client goes away, and its errors are
+    answered by the same handlers Klein uses. Everything else goes to Klein.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, klein: IResource) -> None:
+        super().__init__()
+        self._gateway = gateway
+        self._klein = klein
+
+    def render(self, request: Any) -> Any:
+        found = _INDEX.match(request.method, request.path)
+        if found is None:
+            return self._klein.render(request)
+        route, params = found
+        d = defer.ensureDeferred(self._gateway.dispatch(route, request, params))
+        # Fires when the response is finished or the client has gone.
+        ended = request.notifyFinish()
+        ended.addErrback(lambda _: d.cancel())
+        d.addCallbacks(
+            self._answer, self._failed, callbackArgs=(request, ended), errbackArgs=(request, ended)
+        )
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: Any, ended: defer.Deferred[None]) -> None:
+        if ended.called:
+            if not failure.check(defer.CancelledError):
+                _log.err("unhandled_error", _stuff=failure,
+                         request_id=request.request_id.decode("ascii"))
+            return
+        if failure.check(GatewayError):
+            body = self._gateway._gateway_error(request, failure)
+        else:
+            body = self._gateway._bug(request, failure)
+        self._answer(body, request, ended)
+
+    @staticmethod
+    def _answer(body: bytes | None, request: Any, ended: defer.Deferred[None]) -> None:
+        if ended.called:
+            return
+        if body:
+            request.write(body)
+        request.finish()
 
 
 def _route_handler(route: Route) -> Any:

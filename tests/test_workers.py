@@ -313,7 +313,7 @@ def test_sigterm_drains_every_worker_and_the_parent_exits_0(
             response += chunk
     finally:
         client.close()
-    assert response.startswith(b"HTTP/1.1 200"), daemon.output()
+    assert response.startswith(b"HTTP/1.1 200"), (response, daemon.output())
     assert response.endswith(b'["held"]')
     assert daemon.proc.wait(timeout=STOP_DEADLINE) == 0, daemon.output()
     daemon.wait_for(lambda events: any(e.get("event") == "workers_stopped" for e in events))
