@@ -286,21 +286,20 @@ class _Connection(Protocol):
             # Nothing was asked: an upstream talking out of turn is not
             # trusted with the next request.
             self._state = _CLOSED
+            self._pool.discard(self)
             self.transport.loseConnection()
 
     def _head_data(self) -> None:
         while self._state == _HEAD:
             buffer = self._buffer
-            end = buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                head, rest = buffer[:end], buffer[end + 4 :]
-            else:
-                match = _HEAD_END.search(buffer)
-                if match is None:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        self._give_up(ParseError("response head too large", buffer[:80]))
-                    return
-                head, rest = buffer[: match.start()], buffer[match.end() :]
+            # The earliest blank line, whatever the line endings (a bare-LF
+            # head may be followed by a body holding CRLF CRLF).
+            match = _HEAD_END.search(buffer)
+            if match is None:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    self._give_up(ParseError("response head too large", buffer[:80]))
+                return
+            head, rest = buffer[: match.start()], buffer[match.end() :]
             try:
                 code, phrase, headers, framing, length, reusable = _parse_head(
                     head.lstrip(b"\r\n"), self._method
@@ -350,7 +349,8 @@ class _Connection(Protocol):
                 return
             self._remaining = 0
             self._response._data(data[:remaining])  # type: ignore[union-attr]
-            self._end_body(data[remaining:])
+            if self._state == _BODY:  # the reader may have stopped it
+                self._end_body(data[remaining:])
         elif framing == _CHUNKED:
             self._buffer += data
             self._chunked_data()
@@ -550,8 +550,15 @@ class ConnectionPool:
             response byte, ``ResponseFailed`` (with ``ParseError`` for invalid
             HTTP) after one. Cancelling it closes the connection.
         """
-        slash = url.find(b"/", url.index(b"://") + 3)
-        base, target = (url, b"/") if slash < 0 else (url[:slash], url[slash:])
+        start = url.index(b"://") + 3
+        slash = url.find(b"/", start)
+        query = url.find(b"?", start)
+        if query >= 0 and (slash < 0 or query < slash):
+            base, target = url[:query], b"/" + url[query:]
+        elif slash < 0:
+            base, target = url, b"/"
+        else:
+            base, target = url[:slash], url[slash:]
         authority = self._authorities.get(base)
         if authority is None:
             authority = self._authority(base)
@@ -627,12 +634,20 @@ class ConnectionPool:
 def _request_head(
     method: bytes, target: bytes, host: bytes, headers: Iterable[Header] | None, body: bytes | None
 ) -> bytes:
-    """The request line and header section, as twisted.web's client lays them out."""
+    """The request line and header section, as twisted.web's client lays them out.
+
+    Raises:
+        ValueError: a line break in the method, target or Host value (the
+            caller validates those; a field value's is folded instead).
+    """
+    if _LINE_BREAKS.search(method + target + host):
+        raise ValueError("line break in the request line or Host")
+    headers = list(headers or ())
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     if body is not None:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     count = 0
-    for name, value in headers or ():
+    for name, value in headers:
         lines += (name, b": ", value, b"\r\n")
         count += 1
     lines += (b"Host: ", host, b"\r\n\r\n")
@@ -644,7 +659,7 @@ def _request_head(
         # twisted.web's Headers does.
         return _request_head(
             method, target, host,
-            [(_LINE_BREAKS.sub(b" ", n), _LINE_BREAKS.sub(b" ", v)) for n, v in headers or ()],
+            [(_LINE_BREAKS.sub(b" ", n), _LINE_BREAKS.sub(b" ", v)) for n, v in headers],
             body,
         )
     return head
