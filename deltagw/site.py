@@ -15,6 +15,7 @@ from twisted.web import http, server
 
 from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
 from deltagw.logs import get_logger
+from deltagw import writethrough
 from deltagw.metrics import Metrics
 
 _access_log = get_logger(component="access")
@@ -115,6 +116,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        writethrough.adopt(self.transport)
         self._close_waiters: list[defer.Deferred[None]] = []
 
     def when_closed(self) -> defer.Deferred[None]:

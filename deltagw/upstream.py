@@ -34,6 +34,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from deltagw import writethrough
+
 Header = tuple[bytes, bytes]
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -255,6 +257,9 @@ class _Connection(Protocol):
         self._reusable = False
         self._paused = False
         self._chunk_state = 0
+
+    def connectionMade(self) -> None:
+        writethrough.adopt(self.transport)
 
     def send(self, method: bytes, head: bytes, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         """Write one request; the Deferred fires with the response head."""

@@ -1,0 +1,130 @@
+"""Send what a read produced before the reactor polls again (Twisted #5303).
+
+A Twisted TCP transport buffers every write and registers its socket for
+writability; the bytes leave on a later reactor iteration, after one
+``epoll_ctl`` to start watching the socket and another to stop. A proxied
+request makes two such trips (the request to the upstream, the response to
+the client), so it costs four reactor iterations instead of two; at one
+connection at a time that was a third of the gateway's CPU per request and
+most of its added latency (bench/, issue 9).
+
+Sending every write at once would be worse: twisted.web writes a response's
+head and its body separately, and two sends are two packets for the peer to
+handle. So the writes made while a read is being dispatched are held, and
+sent together when that dispatch returns: one ``send`` per connection per
+reactor turn, and no writability registration when the socket takes it all.
+A write made anywhere else (a timer, a producer being resumed) takes
+Twisted's usual path, as do writes on a connection that is closing.
+
+Only plain TCP connections (``tcp.Server``, ``tcp.Client``) take part, each
+opted in by its protocol with `adopt`; TLS and UNIX connections stay as
+Twisted made them. The buffers used are Twisted's own, so a write that the
+socket cannot take at once is finished by Twisted's ``doWrite`` as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+_held: list[Any] = []
+"""Connections written to during the current read dispatch."""
+
+_depth = 0
+"""How many read dispatches are on the stack (the reactor runs one; a
+protocol may read another connection's socket synchronously)."""
+
+_sending: Any = None
+"""The pending call that sends the held writes, once this poll's events are done."""
+
+
+class _WriteThrough:
+    """Holds writes made during a read dispatch and sends them when it ends."""
+
+    _write_held = False
+
+    def write(self, data: bytes) -> None:
+        if not self._holding():
+            super().write(data)  # type: ignore[misc]
+        elif data:
+            self._hold()
+            self._tempDataBuffer.append(data)  # type: ignore[attr-defined]
+            self._tempDataLen += len(data)  # type: ignore[attr-defined]
+            self._maybePauseProducer()  # type: ignore[attr-defined]
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        if not self._holding():
+            super().writeSequence(iovec)  # type: ignore[misc]
+        elif iovec:
+            self._hold()
+            self._tempDataBuffer.extend(iovec)  # type: ignore[attr-defined]
+            self._tempDataLen += sum(map(len, iovec))  # type: ignore[attr-defined]
+            self._maybePauseProducer()  # type: ignore[attr-defined]
+
+    def _holding(self) -> bool:
+        return bool(
+            _depth
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting  # type: ignore[attr-defined]
+            and not self._writeDisconnected  # type: ignore[attr-defined]
+            and not self.TLS  # type: ignore[attr-defined]
+        )
+
+    def _hold(self) -> None:
+        global _sending
+        if not self._write_held:
+            self._write_held = True
+            _held.append(self)
+            if _sending is None:
+                _sending = self.reactor.callLater(0, _send_held)  # type: ignore[attr-defined]
+
+    def doRead(self) -> Any:
+        global _depth
+        _depth += 1
+        try:
+            return super().doRead()  # type: ignore[misc]
+        finally:
+            _depth -= 1
+
+    def _send_now(self) -> None:
+        """Send the held bytes; what the socket does not take waits for writability."""
+        self._write_held = False
+        if self.disconnecting or self.disconnected or self._aborting:  # type: ignore[attr-defined]
+            # Closing: loseConnection has already asked for writability and
+            # Twisted finishes the job; an aborted connection sends nothing.
+            return
+        failed = self.doWrite()  # type: ignore[attr-defined]
+        if failed is not None or self._tempDataLen or self.dataBuffer:  # type: ignore[attr-defined]
+            # Not all sent, or the send failed: the reactor's doWrite carries
+            # on (or reports the lost connection) as for any transport.
+            self.startWriting()  # type: ignore[attr-defined]
+
+
+def _send_held() -> None:
+    global _sending
+    _sending = None
+    while _held:
+        _held.pop()._send_now()
+
+
+class _WriteThroughServer(_WriteThrough, tcp.Server):
+    """An accepted TCP connection whose writes go out at the end of a read."""
+
+
+class _WriteThroughClient(_WriteThrough, tcp.Client):
+    """An outgoing TCP connection whose writes go out at the end of a read."""
+
+
+_KINDS: dict[type, type] = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
+
+
+def adopt(transport: Any) -> None:
+    """Make a plain TCP transport write through (call from ``connectionMade``).
+
+    Any other transport (TLS wrappers, UNIX sockets, test doubles) is left
+    alone.
+    """
+    kind = _KINDS.get(type(transport))
+    if kind is not None:
+        transport.__class__ = kind

@@ -1,0 +1,137 @@
+"""Writes made while a read is dispatched leave together once the poll's events are done."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from deltagw import writethrough
+
+
+class CountingSocket:
+    """A socket that records each send and can take only ``limit`` bytes at a time."""
+
+    def __init__(self, sock: socket.socket, limit: int | None = None) -> None:
+        self._sock = sock
+        self.limit = limit
+        self.sends: list[bytes] = []
+
+    def send(self, data: Any) -> int:
+        data = bytes(data)[: self.limit]
+        self.sends.append(data)
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Port:
+    """What tcp.Server reads from the port that accepted it (its number, for logs)."""
+
+    _realPortNumber = 8000
+
+
+class Answering(Protocol):
+    """Answers each read with two writes (as twisted.web writes a head, then a body)."""
+
+    close_after = False
+
+    def connectionMade(self) -> None:
+        writethrough.adopt(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"head:")
+        self.transport.writeSequence([b"bo", b"dy"])
+        if self.close_after:
+            self.transport.loseConnection()
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[Any, socket.socket, MemoryReactorClock, Answering]]:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    reactor = MemoryReactorClock()
+    protocol = Answering()
+    transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), _Port(), 1, reactor)
+    protocol.makeConnection(transport)
+    transport.socket = CountingSocket(ours)
+    yield transport, peer, reactor, protocol
+    ours.close()
+    peer.close()
+
+
+def _received(peer: socket.socket) -> bytes:
+    try:
+        return peer.recv(65536)
+    except BlockingIOError:
+        return b""
+
+
+def test_writes_during_a_read_leave_in_one_send_after_the_poll(connection) -> None:
+    """Both writes are held during the read, then sent in one send, without asking for writability."""
+    transport, peer, reactor, _ = connection
+    peer.send(b"request")
+    transport.doRead()
+    assert _received(peer) == b"" and transport.socket.sends == []
+    reactor.advance(0)
+    assert transport.socket.sends == [b"head:body"]
+    assert _received(peer) == b"head:body"
+    assert transport not in reactor.getWriters()
+
+
+def test_write_outside_a_read_takes_twisteds_path(connection) -> None:
+    """A write from a timer or a producer is buffered and waits for writability, as in Twisted."""
+    transport, peer, reactor, _ = connection
+    transport.write(b"late")
+    reactor.advance(0)
+    assert transport.socket.sends == [] and transport in reactor.getWriters()
+    transport.doWrite()
+    assert _received(peer) == b"late"
+
+
+def test_what_the_socket_does_not_take_waits_for_writability(connection) -> None:
+    """A partial send leaves the rest in Twisted's buffer and registers for writability."""
+    transport, peer, reactor, _ = connection
+    transport.socket.limit = 3
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert transport.socket.sends == [b"hea"] and transport in reactor.getWriters()
+    transport.socket.limit = None
+    transport.doWrite()
+    assert _received(peer) == b"head:body"
+    assert transport not in reactor.getWriters()
+
+
+def test_closing_connection_is_left_to_twisted(connection) -> None:
+    """Writes followed by loseConnection in the same read are not held: Twisted sends, then closes."""
+    transport, peer, reactor, protocol = connection
+    protocol.close_after = True
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert transport.socket.sends == [] and transport in reactor.getWriters()
+    transport.doWrite()
+    assert _received(peer) == b"head:body"
+
+
+def test_only_plain_tcp_transports_take_part() -> None:
+    """adopt changes a plain TCP transport's class and leaves any other transport alone."""
+    other = StringTransport()
+    writethrough.adopt(other)
+    assert type(other) is StringTransport
+    ours, peer = socket.socketpair()
+    try:
+        transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), _Port(), 1,
+                               MemoryReactorClock())
+        writethrough.adopt(transport)
+        assert isinstance(transport, tcp.Server) and type(transport) is not tcp.Server
+    finally:
+        ours.close()
+        peer.close()
