@@ -429,6 +429,12 @@ class Proxy:
         copy_response_headers(response.headers, request.responseHeaders)
         if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             request.setHeader(b"Content-Length", b"%d" % response.length)
+        body = response.complete_body()
+        if body is not None:
+            # The usual small answer came whole with its head: no relay,
+            # timer or producer is needed to pass it on.
+            request.write(body)
+            return
         relay = _BodyRelay(request, self._reactor, timeout)
         response.deliverBody(relay)
         try:

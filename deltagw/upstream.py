@@ -44,6 +44,7 @@ MAX_HEAD_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
+_WHITESPACE = b" \t"
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _NO_BODY_CODES = frozenset({204, 304})
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -62,6 +63,9 @@ _CONNECTION_CONTROL = frozenset(
         b"proxy-connection",
     }
 )
+
+_CONNECTION_TOKENS = _CONNECTION_CONTROL | {b"close"}
+"""Connection options that name no end-to-end field (nginx's ``keep-alive``)."""
 
 _IDLE, _HEAD, _BODY, _CLOSED = range(4)
 _BY_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
@@ -117,6 +121,18 @@ class UpstreamResponse:
             self._protocol = None
             protocol.connectionLost(ended)
 
+    def complete_body(self) -> bytes | None:
+        """The whole body, if it has already arrived complete; else None.
+
+        Once taken, the body is not delivered again (``deliverBody`` would
+        deliver nothing).
+        """
+        ended = self._ended
+        if self._protocol is not None or ended is None or not ended.check(ResponseDone):
+            return None
+        pending, self._pending = self._pending, []
+        return b"".join(pending)
+
     def _data(self, data: bytes) -> None:
         if self._protocol is not None:
             self._protocol.dataReceived(data)
@@ -147,6 +163,8 @@ class UpstreamResponse:
 
 def _parse_content_length(values: list[bytes]) -> int:
     """One length from Content-Length field lines; repeats must agree (RFC 9110 §8.6)."""
+    if len(values) == 1 and values[0].isdigit():
+        return int(values[0])
     lengths = {v.strip() for value in values for v in value.split(b",")}
     if len(lengths) != 1:
         raise ParseError("conflicting Content-Length", b", ".join(values))
@@ -154,6 +172,25 @@ def _parse_content_length(values: list[bytes]) -> int:
     if not text.isdigit():
         raise ParseError("invalid Content-Length", text)
     return int(text)
+
+
+def _head_lines(head: bytes) -> list[bytes]:
+    """The lines of a head: CRLF or bare LF endings, obs-fold joined with a space.
+
+    A proxy replaces obs-fold with a space (RFC 9112 §5.2).
+    """
+    if b"\n " not in head and b"\n\t" not in head and head.count(b"\n") == head.count(b"\r\n"):
+        return head.split(b"\r\n")  # the common case, in one pass
+    lines: list[bytes] = []
+    for line in head.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if len(lines) < 2:
+                raise ParseError("continuation without a field", line)
+            lines[-1] += b" " + line.strip()
+        else:
+            lines.append(line)
+    return lines
 
 
 def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], int, int, bool]:
@@ -167,8 +204,8 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     Raises:
         ParseError: not an HTTP/1.x status line, or a malformed field.
     """
-    lines = head.split(b"\n")
-    status = lines[0].rstrip(b"\r")
+    lines = _head_lines(head)
+    status = lines[0]
     parts = status.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
         raise ParseError("invalid status line", status)
@@ -179,41 +216,30 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     phrase = parts[2] if len(parts) == 3 else b""
     reusable = parts[0] == b"HTTP/1.1"
 
-    fields: list[Header] = []
-    for line in lines[1:]:
-        line = line.rstrip(b"\r")
-        if line[:1] in (b" ", b"\t"):
-            # obs-fold (RFC 9112 §5.2): a proxy replaces it with a space.
-            if not fields:
-                raise ParseError("continuation without a field", line)
-            name, value = fields[-1]
-            fields[-1] = (name, value + b" " + line.strip())
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise ParseError("invalid header line", line)
-        fields.append((name, value.strip()))
-
     headers: list[Header] = []
     connection: list[bytes] = []
     content_length: list[bytes] = []
     transfer_encoding: list[bytes] = []
-    for name, value in fields:
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1] in _WHITESPACE or name[0] in _WHITESPACE:
+            raise ParseError("invalid header line", line)
+        value = value.strip()
         lower = name.lower()
-        if lower in _CONNECTION_CONTROL:
-            if lower == b"connection":
-                connection.extend(t.strip().lower() for t in value.split(b",") if t.strip())
-            elif lower == b"transfer-encoding":
-                transfer_encoding.append(value)
-            elif lower == b"content-length":
-                content_length.append(value)
-                if method == b"HEAD":
-                    headers.append((name, value))
-            continue
-        headers.append((name, value))
+        if lower not in _CONNECTION_CONTROL:
+            headers.append((name, value))
+        elif lower == b"content-length":
+            content_length.append(value)
+            if method == b"HEAD":
+                headers.append((name, value))
+        elif lower == b"connection":
+            connection.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+        elif lower == b"transfer-encoding":
+            transfer_encoding.append(value)
     if connection:
         named = set(connection)
-        headers = [(n, v) for n, v in headers if n.lower() not in named]
+        if not named <= _CONNECTION_TOKENS:
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
         if b"close" in named:
             reusable = False
         elif b"keep-alive" in named and parts[0] == b"HTTP/1.0":
@@ -297,14 +323,18 @@ class _Connection(Protocol):
     def _head_data(self) -> None:
         while self._state == _HEAD:
             buffer = self._buffer
-            # The earliest blank line, whatever the line endings (a bare-LF
-            # head may be followed by a body holding CRLF CRLF).
-            match = _HEAD_END.search(buffer)
-            if match is None:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    self._give_up(ParseError("response head too large", buffer[:80]))
-                return
-            head, rest = buffer[: match.start()], buffer[match.end() :]
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0 and b"\n\n" not in buffer[:end] and b"\n\r\n" not in buffer[:end]:
+                head, rest = buffer[:end], buffer[end + 4 :]
+            else:
+                # The earliest blank line, whatever the line endings (a bare-LF
+                # head may be followed by a body holding CRLF CRLF).
+                match = _HEAD_END.search(buffer)
+                if match is None:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        self._give_up(ParseError("response head too large", buffer[:80]))
+                    return
+                head, rest = buffer[: match.start()], buffer[match.end() :]
             try:
                 code, phrase, headers, framing, length, reusable = _parse_head(
                     head.lstrip(b"\r\n"), self._method

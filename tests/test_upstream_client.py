@@ -734,6 +734,26 @@ def test_whole_response_is_buffered_until_deliver_body(net):
     assert reader.body == b"hello" and reader.reason.check(ResponseDone)
 
 
+def test_complete_body_is_taken_whole_once(net):
+    """A body that came whole with its head can be taken at once; it is not delivered again."""
+    d = net.request()
+    net.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"lo")
+    response = _result_of(d)
+    assert response.complete_body() == b"hello"
+    reader = _read(response)
+    assert reader.body == b"" and reader.reason.check(ResponseDone)
+
+
+def test_complete_body_is_none_while_the_body_is_arriving(net):
+    """Part of a body, or one read until close, is not complete: the relay reads it as it comes."""
+    partial = net.request()
+    net.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+    assert _result_of(partial).complete_body() is None
+    unframed = net.request()
+    net.reply(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    assert _result_of(unframed).complete_body() is None
+
+
 def test_next_request_on_freed_connection_leaves_pending_body_alone(net):
     """A second exchange on the freed connection does not touch the first response's unread body."""
     first = net.request()
