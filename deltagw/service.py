@@ -23,7 +23,7 @@ from deltagw.authentication import Authenticator
 from deltagw.config import ConfigError, Settings
 from deltagw.drain import DrainService, RequestTracker
 from deltagw.limits import RateLimits
-from deltagw.logs import observer
+from deltagw.logs import LogFlusher, observer
 from deltagw.metrics import Metrics
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.retry import RetryPolicy
@@ -210,7 +210,24 @@ class GatewayService(MultiService):
 
 class RootService(MultiService):
     """The top of the tree twistd runs: the gateway, and the demo backends
-    when asked for."""
+    when asked for; it also writes the batched log lines (`LogFlusher`)."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        # Not a child: children stop all at once, and the log lines of a
+        # drain must keep flowing until the last child has stopped.
+        self._log_flusher = LogFlusher(reactor)
+
+    def startService(self) -> None:
+        self._log_flusher.startService()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        def stop_flushing(result: Any) -> Any:
+            self._log_flusher.stopService()
+            return result
+
+        return defer.maybeDeferred(super().stopService).addBoth(stop_flushing)
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
         """Also make JSON lines the application's log format under twistd.

@@ -54,7 +54,7 @@ def service_or_exit(
     from deltagw.service import GatewayService, RootService
 
     configure_structlog()
-    root = RootService()
+    root = RootService(reactor)
     config_file = options.get("config")
     try:
         settings = settings_with_file(environ, options, config_file)

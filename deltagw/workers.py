@@ -62,7 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from deltagw.config import SETTINGS, ConfigError, Settings
-from deltagw.logs import JSONLinesObserver, get_logger, observer
+from deltagw.logs import BATCH_BYTES, JSONLinesObserver, get_logger, observer
 from deltagw.systemd import SystemdNotifier
 
 _log = get_logger(component="workers")
@@ -235,25 +235,44 @@ def listen_endpoint(
 
 
 class _TaggedLines:
-    """A text stream that adds fixed fields to each JSON line written to it."""
+    """A text stream that adds fixed fields to each JSON line written to it.
+
+    The tagged lines are written in batches under PIPE_BUF, each flushed on
+    its own, so the lines of several workers sharing one stdout pipe
+    interleave whole, never mid-line.
+    """
 
     def __init__(self, stream: IO[str], fields: Mapping[str, Any]) -> None:
         self._stream = stream
         self._fields = dict(fields)
 
     def write(self, text: str) -> int:
-        line = text.rstrip("\n")
+        batch: list[str] = []
+        size = 0
+        for line in map(self._tagged, text.splitlines(keepends=True)):
+            if batch and size + len(line) > BATCH_BYTES:
+                self._write_batch(batch)
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        self._write_batch(batch)
+        return len(text)
+
+    def _write_batch(self, lines: list[str]) -> None:
+        if lines:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+
+    def _tagged(self, line: str) -> str:
         try:
             document = orjson.loads(line)
         except orjson.JSONDecodeError:
-            document = None
-        if isinstance(document, dict):
-            for key, value in self._fields.items():
-                document.setdefault(key, value)
-            text = orjson.dumps(document).decode("utf-8") + "\n"
-        # One write (and the observer's flush) per line: lines from several
-        # processes sharing one stdout interleave whole, not mid-line.
-        return self._stream.write(text)
+            return line
+        if not isinstance(document, dict):
+            return line
+        for key, value in self._fields.items():
+            document.setdefault(key, value)
+        return orjson.dumps(document).decode("utf-8") + "\n"
 
     def flush(self) -> None:
         self._stream.flush()
