@@ -113,11 +113,20 @@ class GatewayChannel(http.HTTPChannel):
 
     _head_deadline: Any = None
     _closed = False
+    _host: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         writethrough.adopt(self.transport)
         self._close_waiters: list[defer.Deferred[None]] = []
+
+    def getHost(self) -> Any:
+        # twisted.web asks for every request (Request.__init__), and each
+        # answer is a getsockname() call; the local address of a connection
+        # does not change.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def when_closed(self) -> defer.Deferred[None]:
         """A Deferred that fires once the connection is closed.
