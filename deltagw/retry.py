@@ -194,14 +194,27 @@ def call_with_retries(
     # Deferred cost every request, and nearly every call succeeds at once.
     # A Deferred waiting on a chained one passes ``cancel()`` down to it, so
     # cancelling reaches the attempt in flight or the backoff's timer, and
-    # the CancelledError that ends either is never retried.
-    def retry(failure: Failure, attempt: int) -> Failure | Deferred[T]:
-        if not policy.should_retry(method, failure, attempt):
-            return failure
-        pause = policy.backoff()
-        if reactor.seconds() + pause >= deadline:
-            return failure
-        later: Deferred[T] = task.deferLater(reactor, pause, attempt_fn)  # type: ignore[arg-type]
-        return later.addErrback(retry, attempt + 1)
+    # the CancelledError that ends either is never retried. (A module-level
+    # errback rather than a closure that names itself: that closure was a
+    # reference cycle per request, left for the garbage collector.)
+    return maybeDeferred(attempt_fn).addErrback(
+        _retry, reactor, policy, method, attempt_fn, deadline, 1
+    )
 
-    return maybeDeferred(attempt_fn).addErrback(retry, 1)
+
+def _retry(
+    failure: Failure,
+    reactor: IReactorTime,
+    policy: RetryPolicy,
+    method: bytes,
+    attempt_fn: Callable[[], Deferred[T]],
+    deadline: float,
+    attempt: int,
+) -> Failure | Deferred[T]:
+    if not policy.should_retry(method, failure, attempt):
+        return failure
+    pause = policy.backoff()
+    if reactor.seconds() + pause >= deadline:
+        return failure
+    later: Deferred[T] = task.deferLater(reactor, pause, attempt_fn)  # type: ignore[arg-type]
+    return later.addErrback(_retry, reactor, policy, method, attempt_fn, deadline, attempt + 1)
