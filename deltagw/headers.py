@@ -71,13 +71,34 @@ def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
     return lower in HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")
 
 
+_ENTROPY_POOL_BYTES = 4096
+_entropy = b""
+_entropy_used = 0
+
+
+def random_hex(size: int) -> bytes:
+    """``size`` random bytes from the OS, as ``2 * size`` hex digits.
+
+    Taken from a pool that ``os.urandom`` refills 4 KiB at a time: a request
+    needs three ids (request, trace, span), and each ``os.urandom`` call is a
+    ``getrandom()`` system call.
+    """
+    global _entropy, _entropy_used
+    if _entropy_used + size > len(_entropy):
+        _entropy = os.urandom(_ENTROPY_POOL_BYTES)
+        _entropy_used = 0
+    start = _entropy_used
+    _entropy_used += size
+    return _entropy[start : start + size].hex().encode("ascii")
+
+
 def request_id(incoming: bytes | None) -> bytes:
     """The client's request id when it is well-formed, else a fresh one."""
     if incoming is not None and _REQUEST_ID.match(incoming):
         return incoming
     # 128 random bits as 32 hex digits, the shape of a uuid4().hex; going
     # through uuid.UUID cost several times as much per request.
-    return os.urandom(16).hex().encode("ascii")
+    return random_hex(16)
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,7 @@ class TraceContext:
 
     def traceparent(self) -> bytes:
         """A traceparent naming a new span of this trace (the gateway's own)."""
-        return b"00-%s-%s-%s" % (self.trace_id, os.urandom(8).hex().encode("ascii"), self.flags)
+        return b"00-%s-%s-%s" % (self.trace_id, random_hex(8), self.flags)
 
 
 def trace_context(traceparent: list[bytes], tracestate: list[bytes]) -> TraceContext:
@@ -100,9 +121,9 @@ def trace_context(traceparent: list[bytes], tracestate: list[bytes]) -> TraceCon
     traceparent was valid.
     """
     if not traceparent:
-        # The common case: no incoming trace, start one (``os.urandom``
+        # The common case: no incoming trace, start one (``random_hex``
         # directly: ``secrets.token_hex`` only wraps it, at a cost).
-        return TraceContext(os.urandom(16).hex().encode("ascii"), b"00", [])
+        return TraceContext(random_hex(16), b"00", [])
     if len(traceparent) == 1:
         match = _TRACEPARENT.match(traceparent[0])
         if match:
@@ -114,7 +135,7 @@ def trace_context(traceparent: list[bytes], tracestate: list[bytes]) -> TraceCon
                 and parent_id != b"0" * 16
             ):
                 return TraceContext(trace_id, flags, tracestate)
-    return TraceContext(os.urandom(16).hex().encode("ascii"), b"00", [])
+    return TraceContext(random_hex(16), b"00", [])
 
 
 def _forwarded_value(value: str) -> bytes:
