@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import error, task
+from twisted.internet import error, protocol, reactor, task
 from twisted.python.failure import Failure
 
 from deltagw.config import load_settings
@@ -396,6 +396,30 @@ def test_a_bad_workers_value_stops_startup() -> None:
 
 # ---------------------------------------------------------------------------
 # The worker's endpoint
+
+
+def test_adopted_port_accepts_one_connection_per_wake_up() -> None:
+    """A worker's port takes one waiting connection each time it is woken, so
+    workers sharing the socket take turns instead of one taking a whole burst."""
+    settings = load_settings({"PORT": LOOPBACK_ANY_PORT})
+    built: list[Any] = []
+    factory = protocol.Factory.forProtocol(protocol.Protocol)
+    factory.buildProtocol = lambda addr: built.append(addr) or protocol.Protocol()  # type: ignore[method-assign]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        endpoint = listen_endpoint(reactor, settings, {LISTEN_FD_ENV: str(os.dup(listener.fileno()))})
+        ports: list[Any] = []
+        endpoint.listen(factory).addCallback(ports.append)
+        (port,) = ports
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            port.doRead()
+            assert len(built) == 1
+            port.doRead()
+            assert len(built) == 2
+        finally:
+            for client in clients:
+                client.close()
+            port.stopListening()
 
 
 def test_listen_endpoint_binds_port_outside_a_worker() -> None:
