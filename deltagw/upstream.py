@@ -87,7 +87,7 @@ class UpstreamResponse:
     """
 
     __slots__ = ("code", "phrase", "headers", "length", "_connection", "_protocol", "_pending",
-                 "_ended")
+                 "_ended", "_finished")
 
     def __init__(
         self, code: int, phrase: bytes, headers: list[Header], length: Any, connection: Any
@@ -100,6 +100,7 @@ class UpstreamResponse:
         self._protocol: Protocol | None = None
         self._pending: list[bytes] = []
         self._ended: Failure | None = None
+        self._finished = False
 
     def deliverBody(self, protocol: Protocol) -> None:
         """Send the body to ``protocol``, which may pause, resume or stop it.
@@ -116,8 +117,8 @@ class UpstreamResponse:
             if self._protocol is not protocol:
                 return
             protocol.dataReceived(data)
-        if self._ended is not None and self._protocol is protocol:
-            ended, self._ended = self._ended, None
+        if self._finished and self._protocol is protocol:
+            ended, self._ended = self._ended or Failure(ResponseDone()), None
             self._protocol = None
             protocol.connectionLost(ended)
 
@@ -127,8 +128,7 @@ class UpstreamResponse:
         Once taken, the body is not delivered again (``deliverBody`` would
         deliver nothing).
         """
-        ended = self._ended
-        if self._protocol is not None or ended is None or not ended.check(ResponseDone):
+        if self._protocol is not None or not self._finished or self._ended is not None:
             return None
         pending, self._pending = self._pending, []
         return b"".join(pending)
@@ -139,11 +139,17 @@ class UpstreamResponse:
         else:
             self._pending.append(data)
 
-    def _end(self, reason: Failure) -> None:
+    def _end(self, reason: Failure | None) -> None:
+        """The body has ended: complete (None), or for ``reason``.
+
+        The ``ResponseDone`` failure of a complete body is only made for a
+        protocol that will read it, not for a body taken by `complete_body`.
+        """
         self._connection = None
+        self._finished = True
         if self._protocol is not None:
             protocol, self._protocol = self._protocol, None
-            protocol.connectionLost(reason)
+            protocol.connectionLost(reason or Failure(ResponseDone()))
         else:
             self._ended = reason
 
@@ -456,7 +462,7 @@ class _Connection(Protocol):
             self._state = _CLOSED
             self.transport.loseConnection()
         if response is not None:
-            response._end(Failure(ResponseDone()))
+            response._end(None)
 
     def _fail_body(self, error: Exception) -> None:
         self._state = _CLOSED
