@@ -893,11 +893,13 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append((f"gateway_{name}", f"gateway twin, {label}",
                                  f"http://{LOOPBACK}:{port}{small_path}", None, proc.pid))
                 variant_logs.append(log)
+        baseline: tuple[str, int] | None = None
         if args.baseline:
             port, proc = start_baseline(tmp, procs, str(Path(twistd).parent / "python"),
                                         direct_port)
+            baseline = (f"http://{LOOPBACK}:{port}{SCENARIOS[1][2]}", proc.pid)
             variants.append(("baseline_proxy", "bare Twisted proxy (bench/baseline_proxy.py)",
-                             f"http://{LOOPBACK}:{port}{SCENARIOS[1][2]}", None, proc.pid))
+                             baseline[0], None, proc.pid))
         if args.compare_workers:
             port, proc, log = start_gateway(tmp, procs, twistd, direct_port, args.compare_workers,
                                             name=f"gateway-workers{args.compare_workers}")
@@ -927,6 +929,9 @@ def main(argv: list[str] | None = None) -> int:
             key: [("direct", urls[key]["direct"], None, None),
                   ("gateway", urls[key]["gateway"], None, gw.pid)] for key, *_ in SCENARIOS}
         plan["small_64c"] += [(name, url, threads, pid) for name, _, url, threads, pid in variants]
+        if baseline:
+            # Calibration for the latency target too: what a bare Twisted proxy adds.
+            plan["small_1c"].append(("baseline_proxy", baseline[0], None, baseline[1]))
         if args.warmup:
             for key, _, _, _, conns in SCENARIOS:
                 for target, url, threads, _ in plan[key]:
@@ -1216,6 +1221,11 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(("bare Twisted proxy CPU/req (64 conns), calibration",
                             f"{fmt(b, '.0f')} µs; gateway {fmt(cpu_g, '.0f')} µs = "
                             f"{fmt(cpu_g / b if b and cpu_g else None, '.1f')} × baseline", "INFO"))
+            base_1c = median([r["p50_ms"] for r in runs["small_1c"]["baseline_proxy"]])
+            added_base = base_1c - summary["small_1c"]["direct_p50_ms"]
+            targets.append(("bare Twisted proxy added p50 (1 conn), calibration",
+                            f"{fmt(added_base, '.3f')} ms; gateway "
+                            f"{fmt(summary['small_1c']['added_p50_ms'], '.3f')} ms", "INFO"))
         results["targets"] = [{"target": t, "value": v, "result": verdict(ok)}
                               for t, v, ok in targets]
         print("\ntargets:")
