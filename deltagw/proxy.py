@@ -1,4 +1,4 @@
-"""Upstream calls: one pooled treq client, timeouts, resilience, streaming back.
+"""Upstream calls: the pooled clients, timeouts, resilience, streaming back.
 
 Before a call, the service's in-flight cap (load shedding) and circuit
 breaker may answer 503 at once; the wait for response headers is retried

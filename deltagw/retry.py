@@ -60,8 +60,8 @@ def _is_lost_connection(reason: Failure) -> bool:
 def is_connection_failure(failure: Failure) -> bool:
     """Tell whether a call failed on the connection before any response byte.
 
-    Checked against twisted.web's HTTP/1.1 client
-    (``twisted.web._newclient``):
+    Checked against the failure types of twisted.web's HTTP/1.1 client
+    (``twisted.web._newclient``), which ``deltagw.upstream`` raises too:
 
     - `ConnectionRefusedError`: the connect was refused; nothing was sent.
     - `RequestNotSent`: the pooled connection was no longer usable; nothing
