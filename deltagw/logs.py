@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from weakref import WeakSet
+from collections.abc import Mapping
 from typing import IO, Any
 
 import orjson
@@ -52,9 +53,21 @@ def _now() -> str:
     return "%s.%03d+00:00" % (_this_second[1], int((now - second) * 1000))
 
 
+_every_line: dict[str, Any] = {}
+"""Fields every line of this process carries (`add_to_every_line`)."""
+
+
+def add_to_every_line(fields: Mapping[str, Any]) -> None:
+    """Give every JSON line this process writes these fields (a worker's slot
+    and pid), unless the event has its own."""
+    _every_line.update(fields)
+
+
 def _add_level_and_timestamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     event.setdefault("level", _LEVEL_OF_METHOD.get(method, method))
     event["timestamp"] = _now()
+    for key, value in _every_line.items():
+        event.setdefault(key, value)
     return event
 
 
@@ -191,6 +204,8 @@ def _plain_event(event: dict[str, Any]) -> dict[str, Any]:
         "timestamp": _timestamp(event.get("log_time", 0.0)),
         "system": event.get("log_system", event.get("system", "-")),
     }
+    for key, value in _every_line.items():
+        document.setdefault(key, value)
     failure = event.get("log_failure")
     if failure is not None:
         document["level"] = "error"

@@ -31,8 +31,8 @@ all have exited (SIGKILL for any still running SHUTDOWN_GRACE plus a margin
 later). It sends systemd's READY=1/WATCHDOG=1/STOPPING=1 itself; workers do
 not talk to systemd.
 
-Workers write their JSON lines to the parent's stdout (inherited, one write
-per line); each line carries ``worker`` (the slot number, kept across
+Workers write their JSON lines to the parent's stdout (inherited; batches of
+whole lines under PIPE_BUF, so lines never interleave mid-line); each carries ``worker`` (the slot number, kept across
 restarts) and ``pid``, added by `worker_log_observer`, which the parent puts
 on each worker's twistd command line.
 
@@ -51,9 +51,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-import orjson
 from twisted.application.service import MultiService
 from twisted.internet import defer, error, fdesc, protocol, tcp
 from twisted.internet.endpoints import serverFromString
@@ -62,7 +61,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from deltagw.config import SETTINGS, ConfigError, Settings
-from deltagw.logs import BATCH_BYTES, JSONLinesObserver, get_logger, observer
+from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
 from deltagw.systemd import SystemdNotifier
 
 _log = get_logger(component="workers")
@@ -257,59 +256,16 @@ def listen_endpoint(
     return InheritedPortEndpoint(reactor, fd, settings.port)
 
 
-class _TaggedLines:
-    """A text stream that adds fixed fields to each JSON line written to it.
-
-    The tagged lines are written in batches under PIPE_BUF, each flushed on
-    its own, so the lines of several workers sharing one stdout pipe
-    interleave whole, never mid-line.
-    """
-
-    def __init__(self, stream: IO[str], fields: Mapping[str, Any]) -> None:
-        self._stream = stream
-        self._fields = dict(fields)
-
-    def write(self, text: str) -> int:
-        batch: list[str] = []
-        size = 0
-        for line in map(self._tagged, text.splitlines(keepends=True)):
-            if batch and size + len(line) > BATCH_BYTES:
-                self._write_batch(batch)
-                batch, size = [], 0
-            batch.append(line)
-            size += len(line)
-        self._write_batch(batch)
-        return len(text)
-
-    def _write_batch(self, lines: list[str]) -> None:
-        if lines:
-            self._stream.write("".join(lines))
-            self._stream.flush()
-
-    def _tagged(self, line: str) -> str:
-        try:
-            document = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return line
-        if not isinstance(document, dict):
-            return line
-        for key, value in self._fields.items():
-            document.setdefault(key, value)
-        return orjson.dumps(document).decode("utf-8") + "\n"
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
 def worker_log_observer() -> JSONLinesObserver:
     """The log observer of a worker (``twistd --logger=...``).
 
     The gateway's JSON lines, each with ``worker`` (slot number) and ``pid``
     added, so lines from N processes on one stdout can be told apart.
     """
-    observer()  # configures structlog exactly as the single-process gateway
-    fields = {"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()}
-    return JSONLinesObserver(_TaggedLines(sys.stdout, fields))
+    # Added as each line is rendered: re-parsing every line to tag it cost
+    # a worker two JSON round trips per request.
+    add_to_every_line({"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()})
+    return observer()
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import json
 from twisted.internet.task import Clock
 
 from deltagw.logs import BATCH_BYTES, FLUSH_INTERVAL, JSONLinesObserver, LogFlusher
-from deltagw.workers import _TaggedLines
 
 
 class CountingStream(io.StringIO):
@@ -58,19 +57,22 @@ def test_a_full_batch_is_written_at_once_in_whole_lines() -> None:
     assert [json.loads(line)["event"][:8] for line in lines] == [f"line {i:03d}" for i in range(200)]
 
 
-def test_worker_lines_are_tagged_and_written_in_whole_line_batches() -> None:
-    """A worker's batch is tagged line by line and written in writes that stay under PIPE_BUF."""
+def test_every_line_carries_the_process_fields(monkeypatch) -> None:
+    """A worker's fields go on its structlog lines and on Twisted's own, unless a line has its own."""
+    from twisted.logger import LogLevel
+
+    from deltagw import logs
+
+    monkeypatch.setattr(logs, "_every_line", {})
+    logs.add_to_every_line({"worker": 1, "pid": 4242})
+    rendered = logs._add_level_and_timestamp(None, "msg", {"event": "x", "pid": 7})
+    assert (rendered["worker"], rendered["pid"]) == (1, 7)
     stream = CountingStream()
-    tagged = _TaggedLines(stream, {"worker": 1, "pid": 4242})
-    text = "".join(json.dumps({"event": f"e{i}", "pad": "y" * 60}) + "\n" for i in range(120))
-    tagged.write(text + "not json\n")
-    writes = stream.flushed
-    assert len(writes) > 1 and all(len(w) <= BATCH_BYTES and w.endswith("\n") for w in writes)
-    lines = "".join(writes).splitlines()
-    assert lines[-1] == "not json"
-    documents = [json.loads(line) for line in lines[:-1]]
-    assert [d["event"] for d in documents] == [f"e{i}" for i in range(120)]
-    assert all(d["worker"] == 1 and d["pid"] == 4242 for d in documents)
+    observer = JSONLinesObserver(stream)
+    observer({"log_format": "started", "log_level": LogLevel.info, "log_time": 0.0})
+    observer.flush()
+    assert json.loads(stream.getvalue())["worker"] == 1
+    assert json.loads(stream.getvalue())["pid"] == 4242
 
 
 def test_timestamps_match_isoformat() -> None:
