@@ -427,7 +427,13 @@ class Proxy:
             request.outcome = "upstream_error"
         request.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, request.responseHeaders)
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in _NO_BODY_CODES
+        ):
+            # The framing of this body; a HEAD or 304 answer keeps the
+            # upstream's Content-Length, and a 204 has none.
             request.setHeader(b"Content-Length", b"%d" % response.length)
         body = response.complete_body()
         if body is not None:
@@ -445,6 +451,7 @@ class Proxy:
 
 
 _NO_RETRY = RetryPolicy(retries=0)
+_NO_BODY_CODES = frozenset({204, 304})
 
 
 def _no_note(service: str, started: float, failure: str | None) -> None:

@@ -49,7 +49,7 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _NO_BODY_CODES = frozenset({204, 304})
 _CONNECTION_DONE = Failure(ConnectionDone())
 # What Twisted's client also keeps out of response.headers: the framing and
-# connection-control fields. (For HEAD, Content-Length describes the
+# connection-control fields. (For HEAD and 304, Content-Length describes the
 # representation and is kept.)
 _CONNECTION_CONTROL = frozenset(
     {
@@ -236,7 +236,9 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
             headers.append((name, value))
         elif lower == b"content-length":
             content_length.append(value)
-            if method == b"HEAD":
+            if method == b"HEAD" or code == 304:
+                # The length of the representation, not of this message's
+                # (absent) body: passed on as it is (RFC 9110 §8.6).
                 headers.append((name, value))
         elif lower == b"connection":
             connection.extend(t.strip().lower() for t in value.split(b",") if t.strip())

@@ -156,6 +156,34 @@ async def test_hop_by_hop_response_fields_dropped(make_gateway):
 
 
 @pytest_twisted.ensureDeferred
+async def test_not_modified_keeps_the_representations_length(make_gateway):
+    """A 304 passes on the upstream's Content-Length (the representation's), not a 0 of its own."""
+
+    def answer(transport, _):
+        transport.write(
+            b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 600\r\n\r\n'
+        )
+
+    raw = listen(RawUpstream(answer))
+    try:
+        gateway = await make_gateway(STORAGE_SERVICE_URL=raw.url)
+        answer_bytes = await raw_exchange(
+            gateway.port_number,
+            b'GET /api/data/products HTTP/1.1\r\nHost: gw\r\nIf-None-Match: "v1"\r\n'
+            b"Connection: close\r\n\r\n",
+        )
+        head, _, body = answer_bytes.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 304") and body == b""
+        assert [line for line in lines if line.startswith(b"content-length:")] == [
+            b"content-length: 600"
+        ]
+        assert b'etag: "v1"' in lines
+    finally:
+        await raw.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_forwarding_fields_added(gateway, upstream):
     """The upstream sees X-Forwarded-For/Proto/Host and the response's X-Request-ID."""
     response, _ = await _get(gateway, "/api/data/products", headers={b"Host": [b"api.example:8443"]})
