@@ -25,6 +25,31 @@ async def test_query_string_forwarded_whole(gateway, upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_pipelined_requests_answered_in_order(gateway, upstream):
+    """Requests a client sends back to back on one connection get their own answers, in order."""
+    answer = await raw_exchange(
+        gateway.port_number,
+        b"GET /api/data/underlying/NIFTY?n=1 HTTP/1.1\r\nHost: gw\r\n\r\n"
+        b"GET /api/data/chain/NIFTY?n=2 HTTP/1.1\r\nHost: gw\r\n\r\n"
+        b"GET /api/data/products?n=3 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    uris = [json.loads(body)["uri"] for body in _bodies(answer)]
+    assert uris == ["/underlying/NIFTY?n=1", "/option/chain/NIFTY?n=2", "/products?n=3"]
+
+
+def _bodies(stream: bytes) -> list[bytes]:
+    """The bodies of consecutive responses framed by Content-Length."""
+    bodies = []
+    while stream:
+        head, _, rest = stream.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        bodies.append(rest[:length])
+        stream = rest[length:]
+    return bodies
+
+
+@pytest_twisted.ensureDeferred
 async def test_body_forwarded_byte_for_byte(gateway, upstream):
     """A POST body arrives upstream byte for byte with its Content-Type."""
     body = bytes(range(256)) * 40
