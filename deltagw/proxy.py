@@ -49,7 +49,7 @@ from deltagw.headers import copy_response_headers
 from deltagw.logs import get_logger
 from deltagw.retry import RetryPolicy, call_with_retries
 from deltagw.routes import SERVICES, Service
-from deltagw.upstream import ConnectionPool, Header, UpstreamResponse
+from deltagw.upstream import NO_BODY_CODES, ConnectionPool, Header, UpstreamResponse
 
 _log = get_logger(component="proxy")
 
@@ -430,7 +430,7 @@ class Proxy:
         if (
             response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
-            and response.code not in _NO_BODY_CODES
+            and response.code not in NO_BODY_CODES
         ):
             # The framing of this body; a HEAD or 304 answer keeps the
             # upstream's Content-Length, and a 204 has none.
@@ -451,7 +451,6 @@ class Proxy:
 
 
 _NO_RETRY = RetryPolicy(retries=0)
-_NO_BODY_CODES = frozenset({204, 304})
 
 
 def _no_note(service: str, started: float, failure: str | None) -> None:

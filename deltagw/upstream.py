@@ -46,7 +46,8 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
 _WHITESPACE = b" \t"
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-_NO_BODY_CODES = frozenset({204, 304})
+NO_BODY_CODES = frozenset({204, 304})
+"""Statuses whose responses never have a body (RFC 9110 §15.3.5, §15.4.5)."""
 _CONNECTION_DONE = Failure(ConnectionDone())
 # What Twisted's client also keeps out of response.headers: the framing and
 # connection-control fields. (For HEAD and 304, Content-Length describes the
@@ -254,7 +255,7 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
             reusable = True
 
     length = -1
-    if method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
+    if method == b"HEAD" or code in NO_BODY_CODES or code < 200:
         framing, length = _BY_LENGTH, 0
     elif transfer_encoding:
         codings = [t.strip().lower() for v in transfer_encoding for t in v.split(b",")]
