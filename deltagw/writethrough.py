@@ -27,6 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
+
+_log = Logger()
 
 _held: list[Any] = []
 """Connections written to during the current read dispatch."""
@@ -105,7 +108,14 @@ def _send_held() -> None:
     global _sending
     _sending = None
     while _held:
-        _held.pop()._send_now()
+        transport = _held.pop()
+        try:
+            transport._send_now()
+        except Exception:
+            # One connection's failure must not strand the others' bytes:
+            # leave this one to the reactor's own doWrite.
+            _log.failure("sending held writes failed")
+            transport.startWriting()
 
 
 class _WriteThroughServer(_WriteThrough, tcp.Server):

@@ -135,3 +135,20 @@ def test_only_plain_tcp_transports_take_part() -> None:
     finally:
         ours.close()
         peer.close()
+
+
+def test_a_failed_send_leaves_the_bytes_to_twisted(connection) -> None:
+    """If sending one connection's held bytes raises, they wait for writability instead of being lost."""
+    transport, peer, reactor, _ = connection
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    transport.doWrite = broken
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert transport in reactor.getWriters()
+    del transport.doWrite
+    transport.doWrite()
+    assert _received(peer) == b"head:body"
