@@ -13,9 +13,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web import http, server
 
+from deltagw import writethrough
 from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
 from deltagw.logs import get_logger
-from deltagw import writethrough
 from deltagw.metrics import Metrics
 
 _access_log = get_logger(component="access")
