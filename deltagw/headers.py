@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
@@ -57,15 +57,15 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def connection_named(headers: Headers) -> set[bytes]:
-    """The field names a Connection header lists, lower-cased."""
+def connection_named(values: Iterable[bytes]) -> set[bytes]:
+    """The field names the Connection header lines ``values`` list, lower-cased."""
     named: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", ()):
+    for value in values:
         named.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return named
 
 
-def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
+def is_hop_by_hop(name: bytes, named: Container[bytes]) -> bool:
     """True for a field that belongs to one connection, not to the message."""
     lower = name.lower()
     return lower in HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")
@@ -216,7 +216,7 @@ def upstream_request_headers(
     ``X-User-*`` a client sent (identity comes only from a verified token),
     and the fields the gateway sets itself are dropped; ``added`` is appended.
     """
-    named = connection_named(incoming)
+    named = connection_named(incoming.getRawHeaders(b"connection", ()))
     out = []
     for name, values in incoming.getAllRawHeaders():
         lower = name.lower()
@@ -230,6 +230,9 @@ def upstream_request_headers(
         out.extend((name, value) for value in values)
     out.extend(added)
     return out
+
+
+_NOTHING_NAMED: frozenset[bytes] = frozenset()
 
 
 def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers) -> None:
@@ -246,8 +249,8 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
     for name, value in upstream:
         lower = name.lower()
         if (
-            lower in HOP_BY_HOP
-            or lower.startswith((b"proxy-", b"access-control-"))
+            is_hop_by_hop(lower, _NOTHING_NAMED)
+            or lower.startswith(b"access-control-")
             or lower == b"x-request-id"
         ):
             continue

@@ -11,10 +11,10 @@ from __future__ import annotations
 import atexit
 import sys
 import time
-from datetime import datetime, timezone
-from weakref import WeakSet
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import IO, Any
+from weakref import WeakSet
 
 import orjson
 import structlog
@@ -28,29 +28,28 @@ def _dumps(document: Any, **_: Any) -> str:
     return orjson.dumps(document, default=str).decode("utf-8")
 
 
+_this_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
-
-
-_LEVEL_OF_METHOD = {"msg": "info", "err": "error"}
-
-
-_this_second: tuple[int, str] = (0, "")
-
-
-def _now() -> str:
-    """The time as ``isoformat(timespec="milliseconds")`` in UTC writes it.
+    """``seconds`` as ``isoformat(timespec="milliseconds")`` in UTC writes it.
 
     The date and time of day are formatted once a second, not for each of a
     request's two log events.
     """
     global _this_second
-    now = time.time()
-    second = int(now)
+    second = int(seconds)
     if second != _this_second[0]:
         text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
         _this_second = (second, text)
-    return "%s.%03d+00:00" % (_this_second[1], int((now - second) * 1000))
+    return "%s.%03d+00:00" % (_this_second[1], int((seconds - second) * 1000))
+
+
+def _now() -> str:
+    return _timestamp(time.time())
+
+
+_LEVEL_OF_METHOD = {"msg": "info", "err": "error"}
 
 
 _every_line: dict[str, Any] = {}

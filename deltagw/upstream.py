@@ -35,6 +35,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from deltagw import writethrough
+from deltagw.headers import connection_named
 
 Header = tuple[bytes, bytes]
 
@@ -224,7 +225,7 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     reusable = parts[0] == b"HTTP/1.1"
 
     headers: list[Header] = []
-    connection: list[bytes] = []
+    connection: list[bytes] = []  # the Connection field's lines
     content_length: list[bytes] = []
     transfer_encoding: list[bytes] = []
     for line in lines[1:]:
@@ -242,11 +243,11 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
                 # (absent) body: passed on as it is (RFC 9110 §8.6).
                 headers.append((name, value))
         elif lower == b"connection":
-            connection.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+            connection.append(value)
         elif lower == b"transfer-encoding":
             transfer_encoding.append(value)
     if connection:
-        named = set(connection)
+        named = connection_named(connection)
         if not named <= _CONNECTION_TOKENS:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         if b"close" in named:
@@ -684,23 +685,21 @@ def _request_head(
         ValueError: a line break in the method, target or Host value (the
             caller validates those; a field value's is folded instead).
     """
-    if _LINE_BREAKS.search(method + target + host):
-        raise ValueError("line break in the request line or Host")
     headers = list(headers or ())
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     if body is not None:
         lines.append(b"Content-Length: %d\r\n" % len(body))
-    count = 0
     for name, value in headers:
         lines += (name, b": ", value, b"\r\n")
-        count += 1
     lines += (b"Host: ", host, b"\r\n\r\n")
     head = b"".join(lines)
     breaks = head.count(b"\n")
-    if breaks != count + 3 + (body is not None) or head.count(b"\r") != breaks:
+    if breaks != len(headers) + 3 + (body is not None) or head.count(b"\r") != breaks:
         # A line break inside a name or value would split it into a field
         # (or a request) of the client's making: fold it into a space, as
-        # twisted.web's Headers does.
+        # twisted.web's Headers does. (Checked here, off the common path.)
+        if _LINE_BREAKS.search(method + target + host):
+            raise ValueError("line break in the request line or Host")
         return _request_head(
             method, target, host,
             [(_LINE_BREAKS.sub(b" ", n), _LINE_BREAKS.sub(b" ", v)) for n, v in headers],

@@ -32,9 +32,10 @@ later). It sends systemd's READY=1/WATCHDOG=1/STOPPING=1 itself; workers do
 not talk to systemd.
 
 Workers write their JSON lines to the parent's stdout (inherited; batches of
-whole lines under PIPE_BUF, so lines never interleave mid-line); each carries ``worker`` (the slot number, kept across
-restarts) and ``pid``, added by `worker_log_observer`, which the parent puts
-on each worker's twistd command line.
+whole lines under PIPE_BUF, so lines never interleave mid-line); each carries
+``worker`` (the slot number, kept across restarts) and ``pid``, added by
+`worker_log_observer`, which the parent puts on each worker's twistd command
+line.
 
 Per-process state stays per process: the in-process rate limiter
 (RATE_LIMIT_* budgets apply per worker unless REDIS_URL shares them, which is
