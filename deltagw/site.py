@@ -111,9 +111,14 @@ class GatewayChannel(http.HTTPChannel):
     only place the rejection happens.)
     """
 
-    _head_deadline: Any = None
     _closed = False
     _host: Any = None
+    _request_due: float | None = None
+    """When the request being received must be complete (CLIENT_TIMEOUT)."""
+    _idle_due: float | None = None
+    """When the connection, idle, is closed (twisted.web's ``timeOut``)."""
+    _clock_call: Any = None
+    """The one reactor call that looks at both."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -144,32 +149,64 @@ class GatewayChannel(http.HTTPChannel):
         # twisted.web's idle timeout restarts on every byte, so a client
         # trickling a request (slow loris) would hold its connection for
         # ever; the whole request must arrive within CLIENT_TIMEOUT.
-        if self._head_deadline is None and not self._handlingRequest:
-            self._head_deadline = self.callLater(
-                self.site.settings.client_timeout, self._request_too_slow
-            )
+        if self._request_due is None and not self._handlingRequest:
+            self._request_due = self._due_in(self.site.settings.client_timeout)
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._cancel_head_deadline()
+        self._request_due = None
         super().allContentReceived()
 
     def connectionLost(self, reason: Any) -> None:
-        self._cancel_head_deadline()
+        self._request_due = None
         super().connectionLost(reason)
+        if self._clock_call is not None and self._clock_call.active():
+            self._clock_call.cancel()
+        self._clock_call = None
         self._closed = True
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
 
-    def _cancel_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            if self._head_deadline.active():
-                self._head_deadline.cancel()
-            self._head_deadline = None
+    def setTimeout(self, period: float | None) -> float | None:
+        # TimeoutMixin cancels its reactor call when the timeout is turned
+        # off and makes a new one when it is turned on, and twisted.web does
+        # both for every request; here the due time is a number, and one
+        # reactor call per connection checks it (bench/, issue 9).
+        previous, self.timeOut = self.timeOut, period
+        self._idle_due = None if period is None else self._due_in(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle_due is not None and self.timeOut is not None:
+            self._idle_due = self.site.reactor.seconds() + self.timeOut
+
+    def _due_in(self, seconds: float) -> float:
+        """The time ``seconds`` from now, with the clock call due by then."""
+        due = self.site.reactor.seconds() + seconds
+        call = self._clock_call
+        if call is None:
+            self._clock_call = self.callLater(seconds, self._clock_struck)
+        elif due < call.getTime():
+            call.reset(seconds)
+        return due
+
+    def _clock_struck(self) -> None:
+        self._clock_call = None
+        now = self.site.reactor.seconds()
+        if self._request_due is not None and now >= self._request_due:
+            self._request_due = None
+            self._request_too_slow()
+        elif self._idle_due is not None and now >= self._idle_due:
+            self._idle_due = None
+            self.timeoutConnection()
+        else:
+            pending = [due for due in (self._request_due, self._idle_due) if due is not None]
+            if pending:
+                # At least a millisecond: a call can come a rounding error early.
+                self._clock_call = self.callLater(max(min(pending) - now, 0.001), self._clock_struck)
 
     def _request_too_slow(self) -> None:
-        self._head_deadline = None
         _access_log.msg(
             "request_timeout",
             client=getattr(self.transport.getPeer(), "host", "-"),

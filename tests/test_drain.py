@@ -22,7 +22,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from deltagw.breaker import CircuitBreaker
 from deltagw.drain import DrainService, RequestTracker
-from deltagw.site import GatewayChannel
+from deltagw.config import load_settings
+from deltagw.site import GatewaySite
 from deltagw.routes import ROUTES_BY_NAME
 from tests.daemon import Daemon, parse_json_lines
 from tests.support import wait_until
@@ -113,7 +114,7 @@ def test_drain_lasts_until_finished_responses_are_written() -> None:
     has closed, its buffered bytes written; a process exiting earlier drops them."""
     drain, tracker, _ = _drain_service()
     drain.startService()
-    channel = GatewayChannel()
+    channel = GatewaySite(Resource(), load_settings({}), Clock()).buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
     request = DummyRequest([b""])
