@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
+from deltagw import writethrough
 from deltagw.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, PayloadTooLarge, write_error
 from deltagw.headers import client_address, request_id, trace_context
@@ -83,7 +84,9 @@ class EdgeResource(Resource):
         request.client_address = client_address(
             peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []), self._trusted
         )
-        _log.msg(
+        writethrough.after_sending(
+            self._reactor,
+            _log.msg,
             "incoming_request",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),

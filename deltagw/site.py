@@ -85,7 +85,7 @@ class GatewayRequest(server.Request):
     def connectionLost(self, reason: Any) -> None:
         if not self.finished and self.started:
             self.outcome = self.outcome or "client_closed"
-            self.site.log_response(self, status=499)
+            self.site.log(self, status=499)
         super().connectionLost(reason)
 
 
@@ -185,10 +185,11 @@ class GatewayChannel(http.HTTPChannel):
         """The time ``seconds`` from now, with the clock call due by then."""
         due = self.site.reactor.seconds() + seconds
         call = self._clock_call
-        if call is None:
+        if call is not None:
+            if due < call.getTime():
+                call.reset(seconds)
+        elif not self._closed:
             self._clock_call = self.callLater(seconds, self._clock_struck)
-        elif due < call.getTime():
-            call.reset(seconds)
         return due
 
     def _clock_struck(self) -> None:
@@ -236,14 +237,19 @@ class GatewaySite(server.Site):
         self.reactor = reactor
         self.metrics = metrics
 
-    def log(self, request: GatewayRequest) -> None:  # type: ignore[override]
+    def log(self, request: GatewayRequest, status: int | None = None) -> None:  # type: ignore[override]
+        """Log a finished (or, with ``status`` 499, abandoned) request, once
+        its answer has been sent."""
         if request.started:
-            self.log_response(request, status=request.code)
+            ended = self.reactor.seconds()
+            writethrough.after_sending(
+                self.reactor, self.log_response, request, status or request.code, ended
+            )
 
-    def log_response(self, request: GatewayRequest, status: int) -> None:
-        """Write the access log event for a finished (or abandoned) request."""
+    def log_response(self, request: GatewayRequest, status: int, ended: float) -> None:
+        """Write the access log event and the metrics of a request."""
         outcome = request.outcome or ("ok" if status < 400 else "error")
-        latency = self.reactor.seconds() - request.started
+        latency = ended - request.started
         if self.metrics is not None:
             self.metrics.observe_request(request.route, request.method, status, latency)
         _access_log.msg(

@@ -28,6 +28,7 @@ socket cannot take at once is finished by Twisted's ``doWrite`` as usual.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
@@ -44,6 +45,9 @@ protocol may read another connection's socket synchronously)."""
 
 _sending: Any = None
 """The pending call that sends the held writes, once this poll's events are done."""
+
+_after: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+"""Work to do once the held writes are sent (`after_sending`)."""
 
 
 class _WriteThrough:
@@ -79,12 +83,10 @@ class _WriteThrough:
         )
 
     def _hold(self) -> None:
-        global _sending
         if not self._write_held:
             self._write_held = True
             _held.append(self)
-            if _sending is None:
-                _sending = self.reactor.callLater(0, _send_held)  # type: ignore[attr-defined]
+            _send_at_end_of_turn(self.reactor)  # type: ignore[attr-defined]
 
     def doRead(self) -> Any:
         global _depth
@@ -108,6 +110,27 @@ class _WriteThrough:
             self.startWriting()  # type: ignore[attr-defined]
 
 
+def after_sending(reactor: Any, work: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call ``work(*args, **kwargs)`` once the writes held in this turn are sent.
+
+    Bookkeeping that need not delay an answer (the access log, metrics) is
+    done while the peers read it: at one connection that is time the client
+    would otherwise wait (bench/, issue 9). The calls keep their order.
+    Outside a read dispatch nothing is held, and ``work`` is called at once.
+    """
+    if not _depth:
+        work(*args, **kwargs)
+        return
+    _after.append((work, args, kwargs))
+    _send_at_end_of_turn(reactor)
+
+
+def _send_at_end_of_turn(reactor: Any) -> None:
+    global _sending
+    if _sending is None:
+        _sending = reactor.callLater(0, _send_held)
+
+
 def _send_held() -> None:
     global _sending
     _sending = None
@@ -120,6 +143,13 @@ def _send_held() -> None:
             # leave this one to the reactor's own doWrite.
             _log.failure("sending held writes failed")
             transport.startWriting()
+    waiting = _after[:]
+    del _after[:]
+    for work, args, kwargs in waiting:
+        try:
+            work(*args, **kwargs)
+        except Exception:
+            _log.failure("work after sending failed")
 
 
 class _WriteThroughServer(_WriteThrough, tcp.Server):

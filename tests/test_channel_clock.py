@@ -84,6 +84,8 @@ def test_a_closed_connection_leaves_no_call_behind():
     channel.dataReceived(REQUEST)
     channel.connectionLost(None)
     assert clock.getDelayedCalls() == []
+    channel.setTimeout(10)  # what twisted.web does when a request ends
+    assert clock.getDelayedCalls() == []
 
 
 class _Never(Resource):

@@ -152,3 +152,48 @@ def test_a_failed_send_leaves_the_bytes_to_twisted(connection) -> None:
     del transport.doWrite
     transport.doWrite()
     assert _received(peer) == b"head:body"
+
+
+def test_work_after_sending_waits_for_the_held_bytes(connection) -> None:
+    """Work queued during a read runs after the answer is sent, in the order queued."""
+    transport, peer, reactor, protocol = connection
+    done: list[object] = []
+    answer = protocol.dataReceived
+
+    def answer_then_queue(data: bytes) -> None:
+        answer(data)
+        writethrough.after_sending(reactor, lambda: done.append(("first", transport.socket.sends[:])))
+        writethrough.after_sending(reactor, done.append, "second")
+
+    protocol.dataReceived = answer_then_queue
+    peer.send(b"request")
+    transport.doRead()
+    assert done == []
+    reactor.advance(0)
+    assert done == [("first", [b"head:body"]), "second"]
+
+
+def test_work_outside_a_read_runs_at_once() -> None:
+    """With nothing held (a timer, a test calling in), the work is not deferred."""
+    done: list[str] = []
+    writethrough.after_sending(MemoryReactorClock(), done.append, "now")
+    assert done == ["now"]
+
+
+def test_failing_work_does_not_stop_the_rest(connection) -> None:
+    """One queued call raising is logged; the calls after it still run."""
+    transport, peer, reactor, protocol = connection
+    done: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    def queue(data: bytes) -> None:
+        writethrough.after_sending(reactor, broken)
+        writethrough.after_sending(reactor, done.append, "after")
+
+    protocol.dataReceived = queue
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert done == ["after"]
