@@ -77,7 +77,9 @@ class GatewayRequest(server.Request):
         self.log_fields["upstream"] = service
         self.log_fields["upstream_latency_ms"] = round(elapsed * 1000, 3)
         if site.metrics is not None:
-            site.metrics.observe_upstream(service, elapsed, failure)
+            writethrough.after_sending(
+                site.reactor, site.metrics.observe_upstream, service, elapsed, failure
+            )
         if failure is not None:
             self.log_fields["upstream_failure"] = failure
             self.outcome = self.outcome or upstream_outcome(failure)
