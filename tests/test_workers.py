@@ -40,6 +40,7 @@ from deltagw.workers import (
     worker_environment,
 )
 from tests.daemon import SYSTEMD_EXEC
+from tests.redis_server import RedisServer
 
 TWISTD = Path(sys.executable).parent / "twistd"
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
@@ -340,6 +341,34 @@ def test_no_rate_limit_warning_with_redis(supervised: Callable[..., Supervised])
     )
     daemon.wait_for(lambda events: any(e.get("event") == "workers_starting" for e in events))
     assert not any(e.get("event") == "rate_limits_per_worker" for e in daemon.events)
+
+
+def test_workers_spend_one_budget_through_redis(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """With REDIS_URL, two workers grant a client one budget between them.
+
+    Each worker refusing (429) with only 6 grants in all means neither
+    counted alone: budgets of their own would have granted 6 each.
+    """
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        daemon = supervised(twistd("--workers", "2"), child_environ(
+            PORT=LOOPBACK_ANY_PORT, REDIS_URL=f"redis://127.0.0.1:{redis.port}",
+            RATE_LIMIT_REQUESTS="6", RATE_LIMIT_WINDOW="600",
+            # Nothing listens here: a granted request is a 503, a refused one a 429.
+            STORAGE_SERVICE_URL="http://127.0.0.1:1",
+        ))
+        port, pids = daemon.serving(2)
+        answers: list[tuple[int, int]] = []
+        while {pid for status, pid in answers if status == 429} != pids:
+            assert len(answers) < 100, answers
+            answers.append(served_by(daemon, port, "/api/data/products"))
+    finally:
+        redis.stop()
+    statuses = [status for status, _ in answers]
+    assert statuses == [503] * 6 + [429] * (len(answers) - 6), daemon.output()
 
 
 def test_workers_option_beats_variable_and_one_worker_means_no_supervisor(
