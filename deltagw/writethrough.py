@@ -28,6 +28,7 @@ socket cannot take at once is finished by Twisted's ``doWrite`` as usual.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +47,8 @@ protocol may read another connection's socket synchronously)."""
 _sending: Any = None
 """The pending call that sends the held writes, once this poll's events are done."""
 
-_after: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
-"""Work to do once the held writes are sent (`after_sending`)."""
+_after: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+"""Work to do once the held writes are sent (`after_sending`), in order."""
 
 
 class _WriteThrough:
@@ -116,9 +117,9 @@ def after_sending(reactor: Any, work: Callable[..., Any], *args: Any, **kwargs: 
     Bookkeeping that need not delay an answer (the access log, metrics) is
     done while the peers read it: at one connection that is time the client
     would otherwise wait (bench/, issue 9). The calls keep their order.
-    Outside a read dispatch nothing is held, and ``work`` is called at once.
+    Outside a read dispatch, with nothing queued, ``work`` is called at once.
     """
-    if not _depth:
+    if not _depth and not _after:
         work(*args, **kwargs)
         return
     _after.append((work, args, kwargs))
@@ -143,9 +144,8 @@ def _send_held() -> None:
             # leave this one to the reactor's own doWrite.
             _log.failure("sending held writes failed")
             transport.startWriting()
-    waiting = _after[:]
-    del _after[:]
-    for work, args, kwargs in waiting:
+    while _after:
+        work, args, kwargs = _after.popleft()
         try:
             work(*args, **kwargs)
         except Exception:

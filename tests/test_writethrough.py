@@ -197,3 +197,16 @@ def test_failing_work_does_not_stop_the_rest(connection) -> None:
     transport.doRead()
     reactor.advance(0)
     assert done == ["after"]
+
+
+def test_work_from_outside_a_read_waits_behind_queued_work(connection) -> None:
+    """A connection lost outside the read still logs after the request's queued line."""
+    transport, peer, reactor, protocol = connection
+    done: list[str] = []
+    protocol.dataReceived = lambda data: writethrough.after_sending(reactor, done.append, "incoming")
+    peer.send(b"request")
+    transport.doRead()
+    writethrough.after_sending(reactor, done.append, "abandoned")
+    assert done == []
+    reactor.advance(0)
+    assert done == ["incoming", "abandoned"]
