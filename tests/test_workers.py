@@ -343,6 +343,20 @@ def test_no_rate_limit_warning_with_redis(supervised: Callable[..., Supervised])
     assert not any(e.get("event") == "rate_limits_per_worker" for e in daemon.events)
 
 
+def redis_clients_ready(redis: RedisServer) -> int:
+    """Clients of ``redis`` that have loaded the limiter's script (its handshake's last step)."""
+    listing = redis.command(b"CLIENT", b"LIST").decode()
+    return sum(" cmd=script|load " in line + " " for line in listing.splitlines())
+
+
+def wait_until_true(check: Callable[[], bool], what: str, timeout: float = START_DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
 def test_workers_spend_one_budget_through_redis(
     supervised: Callable[..., Supervised], tmp_path: Path
 ) -> None:
@@ -356,11 +370,13 @@ def test_workers_spend_one_budget_through_redis(
     try:
         daemon = supervised(twistd("--workers", "2"), child_environ(
             PORT=LOOPBACK_ANY_PORT, REDIS_URL=f"redis://127.0.0.1:{redis.port}",
-            RATE_LIMIT_REQUESTS="6", RATE_LIMIT_WINDOW="600",
+            RATE_LIMIT_REQUESTS="6", RATE_LIMIT_WINDOW="600", RATE_LIMIT_AUTH_REQUESTS="0",
             # Nothing listens here: a granted request is a 503, a refused one a 429.
             STORAGE_SERVICE_URL="http://127.0.0.1:1",
         ))
         port, pids = daemon.serving(2)
+        # Until its connection is ready a worker fails open (RATE_LIMIT_FAIL_CLOSED=0).
+        wait_until_true(lambda: redis_clients_ready(redis) == 2, "both workers' Redis connections")
         answers: list[tuple[int, int]] = []
         while {pid for status, pid in answers if status == 429} != pids:
             assert len(answers) < 100, answers
