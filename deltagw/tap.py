@@ -70,7 +70,9 @@ def service_or_exit(
         if settings.workers > 1:
             from deltagw.workers import WorkerSupervisor
 
-            WorkerSupervisor(settings, reactor, environ, options).setServiceParent(root)
+            WorkerSupervisor(
+                settings, reactor, environ, options, pinned=pinned
+            ).setServiceParent(root)
             return root
         gateway = GatewayService(settings, reactor)
         gateway.setServiceParent(root)

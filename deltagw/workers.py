@@ -90,8 +90,9 @@ def worker_command(executable: str = sys.executable) -> list[str]:
 
     ``-P`` keeps the current directory off ``sys.path``, so the worker
     imports the same installed deltagw as the parent even when started from
-    a source checkout. No deltagw options: the parent hands the effective
-    settings down as environment variables (`worker_environment`).
+    a source checkout. No deltagw options but ``--config`` (`WorkerSupervisor`
+    adds it): the parent hands its options down as environment variables
+    (`worker_environment`).
     """
     return [
         executable,
@@ -108,26 +109,27 @@ def worker_command(executable: str = sys.executable) -> list[str]:
 def worker_environment(
     environ: Mapping[str, str],
     options: Mapping[str, Any],
-    settings: Settings,
+    pinned: Mapping[str, str],
     port_description: str,
     slot: int,
 ) -> dict[str, str]:
     """The environment a worker starts with.
 
     Options become their variables (option beats variable, so the worker
-    sees exactly what the parent was given), upstream URLs are the parent's
-    effective ones (``--demo`` points them at its own backends), PORT
-    describes the socket the worker adopts, and WORKERS=1 keeps a worker
-    from supervising workers of its own.
+    sees exactly what the parent was given), ``pinned`` settings (by field
+    name: ``--demo`` points the upstream URLs at its own backends) become
+    theirs too, PORT describes the socket the worker adopts, and WORKERS=1
+    keeps a worker from supervising workers of its own. A ``--config`` file
+    is read by each worker itself, under the same variables, so that a
+    reload can change what the file sets.
     """
     env = {k: v for k, v in environ.items() if not k.startswith(_PARENT_ONLY_PREFIXES)}
     for setting in SETTINGS:
         given = options.get(setting.option) if setting.option else None
         if given is not None:
             env[setting.env] = str(given)
-    env["AUTH_SERVICE_URL"] = settings.auth_url
-    env["STORAGE_SERVICE_URL"] = settings.storage_url
-    env["ANALYTICS_SERVICE_URL"] = settings.analytics_url
+        if setting.field in pinned:
+            env[setting.env] = pinned[setting.field]
     env["PORT"] = port_description
     env["WORKERS"] = "1"
     env[LISTEN_FD_ENV] = str(WORKER_FD)
@@ -362,6 +364,10 @@ class WorkerSupervisor(MultiService):
         environ: The parent's environment; workers inherit it (see
             `worker_environment`).
         options: The twistd options given to the parent, by option name.
+            With ``config``, each worker reads that file and re-reads it
+            when the parent gets SIGHUP.
+        pinned: Settings, by field name, that workers must take from the
+            parent whatever their file says (``--demo``'s backend URLs).
         command: The worker argv (tests may substitute their own).
         min_backoff: Seconds before restarting a worker that died.
         max_backoff: The most a restart is ever delayed.
@@ -376,6 +382,7 @@ class WorkerSupervisor(MultiService):
         environ: Mapping[str, str] = os.environ,
         options: Mapping[str, Any] | None = None,
         *,
+        pinned: Mapping[str, str] | None = None,
         command: list[str] | None = None,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -386,7 +393,12 @@ class WorkerSupervisor(MultiService):
         self._reactor = reactor
         self._environ = dict(environ)
         self._options = dict(options or {})
+        self._pinned = dict(pinned or {})
         self._command = command or worker_command()
+        config = self._options.get("config")
+        self._config_file = os.path.abspath(config) if config else None
+        if self._config_file:
+            self._command = [*self._command, f"--config={self._config_file}"]
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._stable_after = stable_after
@@ -395,6 +407,7 @@ class WorkerSupervisor(MultiService):
         self._port_description = settings.port
         self._stopping: defer.Deferred[None] | None = None
         self._previous_handler: Any = None
+        self._previous_hup_handler: Any = None
         self._stop_requested = False
         self._none_running: list[defer.Deferred[None]] = []
         self.notifier = SystemdNotifier(reactor, environ, ready=self._bound)
@@ -455,6 +468,8 @@ class WorkerSupervisor(MultiService):
         if not self.running:
             return
         self._take_sigterm()
+        if self._config_file:
+            self._previous_hup_handler = signal.signal(signal.SIGHUP, self._sighup)
         _log.msg("workers_starting", workers=self.settings.workers, port=self._port_description)
         for slot in self.slots:
             self._spawn(slot)
@@ -471,6 +486,18 @@ class WorkerSupervisor(MultiService):
         """Signal-handler context: only ``callFromThread`` is safe here."""
         self._reactor.callFromThread(self._stop_reactor)
 
+    def _sighup(self, signum: int, frame: FrameType | None) -> None:
+        """Signal-handler context: only ``callFromThread`` is safe here."""
+        self._reactor.callFromThread(self.reload_workers)
+
+    def reload_workers(self) -> None:
+        """Have every worker re-read the config file (each one's SIGHUP)."""
+        running = self._running()
+        _log.msg("reload_requested", config=self._config_file,
+                 worker_pids=[slot.pid for slot in running])
+        for slot in running:
+            self._signal(slot, "HUP")
+
     def _stop_reactor(self) -> None:
         if self._stop_requested:
             return  # a second SIGTERM while the workers drain changes nothing
@@ -481,7 +508,7 @@ class WorkerSupervisor(MultiService):
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
         env = worker_environment(
-            self._environ, self._options, self.settings, self._port_description, slot.index
+            self._environ, self._options, self._pinned, self._port_description, slot.index
         )
         slot.process = self._reactor.spawnProcess(
             _WorkerProtocol(self, slot),
@@ -545,6 +572,9 @@ class WorkerSupervisor(MultiService):
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._previous_handler = None
+            if self._previous_hup_handler is not None:
+                signal.signal(signal.SIGHUP, self._previous_hup_handler)
+                self._previous_hup_handler = None
 
     async def _stop_workers(self) -> None:
         await super().stopService()  # the notifier: STOPPING=1

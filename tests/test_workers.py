@@ -179,6 +179,13 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
 def served_by(daemon: Supervised, port: int, path: str = "/health",
               context: ssl.SSLContext | None = None) -> tuple[int, int]:
     """One request on a fresh connection: its status and the pid that answered it."""
+    status, pid, _ = answered_by(daemon, port, path, context)
+    return status, pid
+
+
+def answered_by(daemon: Supervised, port: int, path: str = "/health",
+                context: ssl.SSLContext | None = None) -> tuple[int, int, bytes]:
+    """One request on a fresh connection: its status, the pid that answered and the body."""
     request_id = uuid.uuid4().hex
     if context is None:
         conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -187,13 +194,13 @@ def served_by(daemon: Supervised, port: int, path: str = "/health",
     try:
         conn.request("GET", path, headers={"X-Request-ID": request_id, "Connection": "close"})
         response = conn.getresponse()
-        response.read()
+        body = response.read()
     finally:
         conn.close()
     event = daemon.wait_for(lambda events: next(
         (e for e in events if e.get("event") == "outgoing_response"
          and e.get("request_id") == request_id), None), timeout=10)
-    return response.status, event["pid"]
+    return response.status, event["pid"], body
 
 
 def serving_pids(daemon: Supervised, port: int, wanted: Callable[[set[int]], bool],
@@ -387,6 +394,37 @@ def test_workers_spend_one_budget_through_redis(
     assert statuses == [503] * 6 + [429] * (len(answers) - 6), daemon.output()
 
 
+def test_sighup_reloads_the_config_file_in_every_worker(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """Workers start from --config; SIGHUP to the parent makes each of them re-read it."""
+    config = tmp_path / "gw.toml"
+    config.write_text('SERVICE_NAME = "before"\n')
+    daemon = supervised(twistd("--workers", "2", "--config", str(config)),
+                        child_environ(PORT=LOOPBACK_ANY_PORT))
+    port, pids = daemon.serving(2)
+    assert names_served(daemon, port, pids) == {"before"}
+
+    config.write_text('SERVICE_NAME = "after"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for(lambda events: {e["pid"] for e in events
+                                    if e.get("event") == "config_reloaded"} == pids)
+    assert names_served(daemon, port, pids) == {"after"}
+    assert daemon.proc.poll() is None and listening_pids(daemon.events) == pids
+
+
+def names_served(daemon: Supervised, port: int, pids: set[int]) -> set[str]:
+    """The service names /health gives, asked until every worker in ``pids`` answered."""
+    names: dict[int, str] = {}
+    deadline = time.monotonic() + START_DEADLINE
+    while set(names) != pids:
+        assert time.monotonic() < deadline, f"only {names} answered\n{daemon.output()}"
+        status, pid, body = answered_by(daemon, port)
+        assert status == 200
+        names[pid] = json.loads(body)["service"]
+    return set(names.values())
+
+
 def test_workers_option_beats_variable_and_one_worker_means_no_supervisor(
     supervised: Callable[..., Supervised],
 ) -> None:
@@ -500,13 +538,21 @@ def test_worker_environment_hands_options_down_as_variables() -> None:
     environ = {"PORT": "8000", "LISTEN_FDS": "1", "NOTIFY_SOCKET": "@x", "WORKERS": "4",
                "SERVICE_NAME": "from-env"}
     options = {"service-name": "from-option", "workers": "2", "port": None}
-    settings = load_settings(environ, options)
-    env = worker_environment(environ, options, settings, "tcp:8000:interface=0.0.0.0", 1)
+    env = worker_environment(environ, options, {}, "tcp:8000:interface=0.0.0.0", 1)
     assert env["SERVICE_NAME"] == "from-option"
     assert env["WORKERS"] == "1"
     assert env["PORT"] == "tcp:8000:interface=0.0.0.0"
     assert env[LISTEN_FD_ENV] == "3" and env["DELTAGW_WORKER"] == "1"
     assert "LISTEN_FDS" not in env and "NOTIFY_SOCKET" not in env
+    # Not pinned: a worker's --config file may set the upstream URLs.
+    assert "STORAGE_SERVICE_URL" not in env
+
+
+def test_pinned_settings_beat_the_environment() -> None:
+    """--demo's backend URLs reach the workers whatever the environment says."""
+    env = worker_environment({"STORAGE_SERVICE_URL": "http://elsewhere:1"}, {},
+                             {"storage_url": "http://127.0.0.1:4321"}, "tcp:8000", 0)
+    assert env["STORAGE_SERVICE_URL"] == "http://127.0.0.1:4321"
 
 
 # ---------------------------------------------------------------------------
@@ -570,6 +616,7 @@ class _FakeReactor(task.Clock):
     def spawnProcess(self, proto: Any, executable: str, args: list[str], env: Any = None,
                      childFDs: Any = None, **kwargs: Any) -> _FakeProcess:
         process = _FakeProcess(1000 + len(self.processes), proto)
+        process.args = args
         assert childFDs[3] == self.ports[-1].fileno()
         self.processes.append(process)
         return process
@@ -617,6 +664,29 @@ def test_restart_backoff_doubles_while_workers_die_young_and_resets() -> None:
     assert len(reactor.processes) == before
     reactor.advance(0.25)
     assert len(reactor.processes) == before + 1
+
+
+def test_workers_read_the_config_file_and_reload_it_on_sighup(tmp_path: Path) -> None:
+    """Each worker gets --config with the file's absolute path; a reload HUPs each running worker."""
+    reactor = _FakeReactor()
+    settings = load_settings({"PORT": "tcp:8000", "WORKERS": "2"})
+    config = tmp_path / "gw.toml"
+    supervisor = WorkerSupervisor(settings, reactor, {}, {"config": str(config)},
+                                  command=["worker"])
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    try:
+        first, second = reactor.processes
+        assert first.args == second.args == ["worker", f"--config={config}"]
+        second.end(1)  # not running: nothing to signal
+        supervisor.reload_workers()
+        assert first.signals == ["HUP"] and second.signals == []
+    finally:
+        supervisor.stopService()
+        for process in reactor.processes:
+            if process.alive:
+                process.end()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
 def test_stop_terminates_workers_and_waits_for_them() -> None:
