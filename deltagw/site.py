@@ -207,7 +207,8 @@ class GatewayChannel(http.HTTPChannel):
             pending = [due for due in (self._request_due, self._idle_due) if due is not None]
             if pending:
                 # At least a millisecond: a call can come a rounding error early.
-                self._clock_call = self.callLater(max(min(pending) - now, 0.001), self._clock_struck)
+                wait = max(min(pending) - now, 0.001)
+                self._clock_call = self.callLater(wait, self._clock_struck)
 
     def _request_too_slow(self) -> None:
         _access_log.msg(
@@ -239,7 +240,9 @@ class GatewaySite(server.Site):
         self.reactor = reactor
         self.metrics = metrics
 
-    def log(self, request: GatewayRequest, status: int | None = None) -> None:  # type: ignore[override]
+    def log(  # type: ignore[override]
+        self, request: GatewayRequest, status: int | None = None
+    ) -> None:
         """Log a finished (or, with ``status`` 499, abandoned) request, once
         its answer has been sent."""
         if request.started:

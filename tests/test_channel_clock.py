@@ -34,13 +34,18 @@ def _connection(timeout: float = 10.0, resource: Resource | None = None):
     return clock, channel, transport
 
 
-def test_an_idle_connection_is_closed_after_the_timeout():
-    """No request at all: closed once CLIENT_TIMEOUT has passed, not before."""
-    clock, _, transport = _connection(10)
-    clock.advance(9.9)
+def _closes_when_idle_for(seconds: float, clock: Clock, transport: StringTransport) -> None:
+    """The connection stays open until it has been idle ``seconds``, then closes."""
+    clock.advance(seconds - 0.1)
     assert not transport.disconnecting
     clock.advance(0.2)
     assert transport.disconnecting
+
+
+def test_an_idle_connection_is_closed_after_the_timeout():
+    """No request at all: closed once CLIENT_TIMEOUT has passed, not before."""
+    clock, _, transport = _connection(10)
+    _closes_when_idle_for(10, clock, transport)
 
 
 def test_a_request_trickled_past_the_timeout_gets_408():
@@ -61,10 +66,7 @@ def test_answering_takes_as_long_as_it_takes():
     assert not transport.disconnecting and transport.value() == b""
     _Never.pending.pop().finish()
     assert transport.value().startswith(b"HTTP/1.1 200")
-    clock.advance(9.9)
-    assert not transport.disconnecting
-    clock.advance(0.2)
-    assert transport.disconnecting
+    _closes_when_idle_for(10, clock, transport)
 
 
 def test_requests_on_a_connection_keep_one_reactor_call():
