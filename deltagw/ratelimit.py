@@ -23,8 +23,7 @@ import math
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
@@ -58,9 +57,12 @@ class LimiterUnavailable(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The outcome of one request against one bucket.
+
+    A named tuple rather than a frozen dataclass: one is made for every
+    limited request, and the frozen dataclass's ``__init__`` made a decision
+    take 2.8 µs instead of 1.5 µs (issue 9).
 
     Attributes:
         allowed: Whether the request may proceed.
