@@ -7,6 +7,7 @@ the JSON answers of DESIGN §3 in one place (``handle_errors``).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -63,10 +64,17 @@ def upstream_path(route: Route, params: dict[str, str]) -> str:
         BadRequest: a value that could climb or split the upstream path.
     """
     assert route.upstream_path is not None
-    for name, value in params.items():
+    return _filled_path(route.upstream_path, tuple(params.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _filled_path(template: str, params: tuple[tuple[str, str], ...]) -> str:
+    # Cached: clients ask for the same few products again and again, and the
+    # checks and quoting cost more than the lookup (bench/, issue 9).
+    for name, value in params:
         if _UNSAFE_PARAM.search(value):
             raise BadRequest(f"Invalid path parameter: {name}")
-    return route.upstream_path.format(**{k: quote(v, safe="") for k, v in params.items()})
+    return template.format(**{k: quote(v, safe="") for k, v in params})
 
 
 class Gateway:

@@ -7,6 +7,7 @@ and owns the request id and CORS fields of its own responses.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -145,8 +146,13 @@ def _forwarded_value(value: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+@functools.lru_cache(maxsize=1024)
 def forwarded_element(peer: str, proto: bytes, host: bytes) -> bytes:
-    """One RFC 7239 element describing this hop (IPv6 addresses quoted and bracketed)."""
+    """One RFC 7239 element describing this hop (IPv6 addresses quoted and bracketed).
+
+    Cached: a client sends the same Host from the same address request after
+    request (bench/, issue 9).
+    """
     node = f"[{peer}]" if ":" in peer else peer
     parts = [b"for=" + _forwarded_value(node), b"proto=" + proto]
     if host:

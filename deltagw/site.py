@@ -115,6 +115,7 @@ class GatewayChannel(http.HTTPChannel):
 
     _closed = False
     _host: Any = None
+    _secure: bool | None = None
     _request_due: float | None = None
     """When the request being received must be complete (CLIENT_TIMEOUT)."""
     _idle_due: float | None = None
@@ -134,6 +135,13 @@ class GatewayChannel(http.HTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def isSecure(self) -> bool:
+        # An interface adaptation per request (to build X-Forwarded-Proto);
+        # whether the transport is TLS does not change.
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
 
     def when_closed(self) -> defer.Deferred[None]:
         """A Deferred that fires once the connection is closed.
