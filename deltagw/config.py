@@ -53,6 +53,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _microseconds(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 1000:
+        raise ValueError("expected at most 1000 (microseconds)")
+    return value
+
+
 def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -198,6 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("breaker_reset", "BREAKER_RESET", "30", _seconds),
     Setting("retries", "RETRIES", "1", _non_negative_int),
     Setting("max_in_flight", "MAX_IN_FLIGHT", "256", _positive_int),
+    Setting("busy_poll_us", "BUSY_POLL_US", "50", _microseconds),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
     Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
@@ -248,6 +256,7 @@ class Settings:
     breaker_reset: float
     retries: int
     max_in_flight: int
+    busy_poll_us: int
     shutdown_grace: float
     metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     upstream_tls_verify: bool

@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 from deltagw.app import Gateway
 from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
 from deltagw.authentication import Authenticator
+from deltagw.busypoll import BusyPoll
 from deltagw.config import ConfigError, Settings
 from deltagw.drain import DrainService, RequestTracker
 from deltagw.limits import RateLimits
@@ -140,6 +141,8 @@ class GatewayService(MultiService):
         )
         self.drain.setServiceParent(self)
         self.site = GatewaySite(self.tracker, settings, reactor, metrics=self.metrics)
+        self.busy_poll = BusyPoll(reactor, settings.busy_poll_us)
+        self.busy_poll.setServiceParent(self)
         self.listener = StreamServerEndpointService(
             listen_endpoint(reactor, settings), self.site
         )
@@ -186,6 +189,7 @@ class GatewayService(MultiService):
         self.tracker.wrapped = self.gateway.resource()
         self.site.settings = settings
         self.site.timeOut = settings.client_timeout
+        self.busy_poll.microseconds = settings.busy_poll_us
         self.settings = settings
 
     def startService(self) -> None:

@@ -50,6 +50,9 @@ _sending: Any = None
 _after: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
 """Work to do once the held writes are sent (`after_sending`), in order."""
 
+_before_sleeping: Callable[[], None] | None = None
+"""Called last in a turn that sent held writes (`poll_before_sleeping`)."""
+
 
 class _WriteThrough:
     """Holds writes made during a read dispatch and sends them when it ends."""
@@ -126,6 +129,16 @@ def after_sending(reactor: Any, work: Callable[..., Any], *args: Any, **kwargs: 
     _send_at_end_of_turn(reactor)
 
 
+def poll_before_sleeping(poll: Callable[[], None] | None) -> None:
+    """Have ``poll`` called at the end of every turn that sent held writes.
+
+    The answer to what was sent is due soon; `deltagw.busypoll` waits for
+    it awake rather than asleep. None stops the calls.
+    """
+    global _before_sleeping
+    _before_sleeping = poll
+
+
 def _send_at_end_of_turn(reactor: Any) -> None:
     global _sending
     if _sending is None:
@@ -135,6 +148,7 @@ def _send_at_end_of_turn(reactor: Any) -> None:
 def _send_held() -> None:
     global _sending
     _sending = None
+    sent = bool(_held)
     while _held:
         transport = _held.pop()
         try:
@@ -150,6 +164,8 @@ def _send_held() -> None:
             work(*args, **kwargs)
         except Exception:
             _log.failure("work after sending failed")
+    if sent and _before_sleeping is not None:
+        _before_sleeping()
 
 
 class _WriteThroughServer(_WriteThrough, tcp.Server):

@@ -1,0 +1,83 @@
+"""Poll for a moment before the reactor sleeps, once it has sent (BUSY_POLL_US).
+
+At one request at a time the gateway sends a request upstream and waits for
+the answer, then sends the answer and waits for the client's next request.
+A wait that ends in the kernel waking a process asleep in ``epoll_wait``
+costs more than it seems on a virtual machine: in `make bench`, removing
+both access-log events made the latency at one connection worse, 0.357
+against 0.325 ms, although the gateway then did less work, because the
+logging had kept it awake until the next event came (issue 9).
+
+So after a reactor turn that sent bytes, the reactor's epoll descriptor is
+polled, without taking its events, for up to BUSY_POLL_US microseconds
+before the reactor is let sleep. The first ready event ends the poll, and
+the reactor handles it without a wake-up. A turn that sent nothing never
+polls, so an idle gateway spends nothing; under load an event is nearly
+always ready and the poll ends at its first look. The price is up to
+BUSY_POLL_US of CPU for each turn that sent and whose answer is slower
+than that. Measured over six interleaved rounds: the median at one
+connection went from 0.324 to 0.288 ms (direct 0.061 ms), and CPU per
+request from 311 to 296 µs at one connection and 192 to 181 µs at 64.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+
+from deltagw import writethrough
+
+
+class BusyPoll(Service):
+    """Keeps the reactor polling after its sends, while the service runs.
+
+    Args:
+        reactor: The reactor; only the epoll reactor has a descriptor that
+            says when any event is ready, and with any other this does nothing.
+        microseconds: The longest poll (BUSY_POLL_US); 0 sleeps at once.
+        clock: Seconds, for the poll's deadline (tests count its reads).
+    """
+
+    def __init__(
+        self, reactor: Any, microseconds: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.microseconds = microseconds
+        self._clock = clock
+        self._ready = _readiness_of(reactor)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._ready is not None:
+            writethrough.poll_before_sleeping(self.poll)
+
+    def stopService(self) -> None:
+        super().stopService()
+        writethrough.poll_before_sleeping(None)
+
+    def poll(self) -> None:
+        """Return once the reactor has an event, or after ``microseconds``."""
+        if self._ready is None or self.microseconds <= 0:
+            return
+        ready, clock = self._ready.poll, self._clock
+        deadline = clock() + self.microseconds / 1e6
+        while not ready(0) and clock() < deadline:
+            pass
+
+
+def _readiness_of(reactor: Any) -> Any:
+    """A ``select.poll`` on the reactor's epoll descriptor, or None.
+
+    An epoll descriptor is itself readable while any event it watches is
+    ready; polling it leaves the events to the reactor. The descriptor is
+    the epoll reactor's private ``_poller``.
+    """
+    epoll = getattr(reactor, "_poller", None)
+    if not isinstance(epoll, select.epoll):
+        return None
+    ready = select.poll()
+    ready.register(epoll.fileno(), select.POLLIN)
+    return ready
