@@ -7,6 +7,7 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+import pytest_twisted
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -14,6 +15,7 @@ from twisted.internet.testing import MemoryReactorClock
 from deltagw import writethrough
 from deltagw.busypoll import BusyPoll
 from deltagw.config import ConfigError, load_settings
+from tests.support import RunningGateway
 
 
 class CountingClock:
@@ -137,3 +139,21 @@ def test_bad_busy_poll_names_the_setting(value: str) -> None:
 def test_busy_poll_defaults_to_50_microseconds() -> None:
     assert load_settings({}).busy_poll_us == 50
     assert load_settings({"BUSY_POLL_US": "0"}).busy_poll_us == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gateway_polls_while_it_runs_and_reloads_the_budget() -> None:
+    """The running gateway installs its poll on the real (epoll) reactor, reloads
+    BUSY_POLL_US, and removes the poll when it stops."""
+    gateway = RunningGateway({"BUSY_POLL_US": "30"})
+    await gateway.start()
+    try:
+        assert writethrough._before_sleeping == gateway.service.busy_poll.poll
+        assert gateway.service.busy_poll.microseconds == 30
+        response = await gateway.get("/health")
+        assert response.code == 200
+        gateway.service.apply_settings(load_settings({"BUSY_POLL_US": "0"}))
+        assert gateway.service.busy_poll.microseconds == 0
+    finally:
+        await gateway.stop()
+    assert writethrough._before_sleeping is None
