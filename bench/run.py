@@ -67,6 +67,7 @@ TARGET_IDLE_RSS_MB = 300.0
 TARGET_WORKERS_RATIO = 1.6      # issue 9 item 3: 2 workers vs 1 process at 64 connections
 TARGET_LIMITER_LOCAL_US = 5.0   # issue 5 item 7 (bench/limiter.py)
 TARGET_LIMITER_REDIS_MS = 1.0
+TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy's (64 connections)
 
 
 class BenchError(Exception):
@@ -363,7 +364,8 @@ def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
     port = free_port()
     env = dict(os.environ)
     for key in list(env):  # default everything else
-        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_")):
+        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_")) \
+                or key in ("SPEEDUPS", "BUSY_POLL_US"):
             del env[key]
     env.update({
         "PORT": f"tcp:{port}:interface={LOOPBACK}",
@@ -805,6 +807,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run small_64c through bench/baseline_proxy.py, a bare "
                              "Twisted proxy, for calibration (default on)")
+    parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run small_64c through a twin gateway with SPEEDUPS=0 (stock "
+                             "public Twisted only) and report its CPU/request (default on)")
+    parser.add_argument("--previous-twistd", type=Path, default=None, metavar="PATH",
+                        help="also run small_64c through a gateway started with this twistd "
+                             "(another venv, e.g. the code before a change): before and after "
+                             "in the same run")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="also sample the gateway with py-spy under the 64-connection "
                              "load for SECONDS and print the top 15 frames by own time")
@@ -893,6 +902,17 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append((f"gateway_{name}", f"gateway twin, {label}",
                                  f"http://{LOOPBACK}:{port}{small_path}", None, proc.pid))
                 variant_logs.append(log)
+        twins = [("stock", "gateway twin, SPEEDUPS=0", twistd, {"SPEEDUPS": "0"})
+                 ] if args.stock else []
+        if args.previous_twistd:
+            twins.append(("previous", f"previous gateway ({args.previous_twistd})",
+                          str(args.previous_twistd), {}))
+        for name, label, command, env in twins:
+            port, proc, log = start_gateway(tmp, procs, command, direct_port, args.workers,
+                                            name=f"gateway-{name}", extra_env=env)
+            variants.append((f"gateway_{name}", label,
+                             f"http://{LOOPBACK}:{port}{small_path}", None, proc.pid))
+            variant_logs.append(log)
         baseline: tuple[str, int] | None = None
         if args.baseline:
             port, proc = start_baseline(tmp, procs, str(Path(twistd).parent / "python"),
@@ -1218,9 +1238,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             b = variant_summary["baseline_proxy"]["cpu_us_per_request"]
             cpu_g = summary["small_64c"]["gateway_cpu_us_per_request"]
-            targets.append(("bare Twisted proxy CPU/req (64 conns), calibration",
-                            f"{fmt(b, '.0f')} µs; gateway {fmt(cpu_g, '.0f')} µs = "
-                            f"{fmt(cpu_g / b if b and cpu_g else None, '.1f')} × baseline", "INFO"))
+            ratio = cpu_g / b if b and cpu_g else None
+            targets.append((f"gateway CPU/req (64 conns) ≤ {TARGET_CPU_VS_BASELINE} × bare proxy's",
+                            f"{fmt(ratio, '.3f')} × ({fmt(cpu_g, '.0f')} vs {fmt(b, '.0f')} µs)",
+                            None if ratio is None else ratio <= TARGET_CPU_VS_BASELINE))
+            for name in ("gateway_stock", "gateway_previous"):
+                if name in variant_summary:
+                    v = variant_summary[name]["cpu_us_per_request"]
+                    targets.append((f"{variant_summary[name]['label']} CPU/req ÷ bare proxy's",
+                                    f"{fmt(v / b if b and v else None, '.3f')} × "
+                                    f"({fmt(v, '.0f')} µs)", "INFO"))
             base_1c = median([r["p50_ms"] for r in runs["small_1c"]["baseline_proxy"]])
             added_base = base_1c - summary["small_1c"]["direct_p50_ms"]
             targets.append(("bare Twisted proxy added p50 (1 conn), calibration",
