@@ -257,3 +257,16 @@ def test_without_the_service_work_waits_for_the_next_turn_in_order(holding) -> N
     assert done == []
     reactor.advance(0)
     assert done == ["first", "second", "third"]
+
+
+def test_without_the_service_each_reactor_has_its_own_turn(holding) -> None:
+    """Work queued on a clock that never advances does not hold up another reactor's work."""
+    holding.stopService()
+    stalled, running = MemoryReactorClock(), MemoryReactorClock()
+    done: list[str] = []
+    held_writes.after_sending(stalled, done.append, "stalled")
+    held_writes.after_sending(running, done.append, "running")
+    running.advance(0)
+    assert done == ["running"]
+    stalled.advance(0)
+    assert done == ["running", "stalled"]

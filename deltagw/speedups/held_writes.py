@@ -48,6 +48,9 @@ from twisted.logger import Logger
 
 _log = Logger()
 
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+"""``work, args, kwargs`` queued by `after_sending`."""
+
 _installed = 0
 """How many `HeldWrites` services run (tests may run several gateways)."""
 
@@ -61,11 +64,15 @@ protocol may read another connection's socket synchronously)."""
 _sending: Any = None
 """The pending call that sends the held writes, once this poll's events are done."""
 
-_after: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+_after: deque[_Call] = deque()
 """Work to do once the held writes are sent (`after_sending`), in order."""
 
 _before_sleeping: Callable[[], None] | None = None
 """Called last in a turn that sent held writes (`poll_before_sleeping`)."""
+
+_next_turns: dict[Any, deque[_Call]] = {}
+"""Without held writes: work for each reactor's next turn, in order (one
+``callLater(0)`` per reactor and turn; a test's clock is a reactor too)."""
 
 
 class _HoldingWrites:
@@ -137,11 +144,35 @@ def after_sending(reactor: Any, work: Callable[..., Any], *args: Any, **kwargs: 
     (`HeldWrites` runs), ``work`` outside a read dispatch with nothing queued
     is called at once; otherwise it waits for the reactor's next turn.
     """
-    if _installed and not _depth and not _after:
+    if not _installed:
+        _next_turn(reactor, (work, args, kwargs))
+    elif not _depth and not _after:
         work(*args, **kwargs)
-        return
-    _after.append((work, args, kwargs))
-    _send_at_end_of_turn(reactor)
+    else:
+        _after.append((work, args, kwargs))
+        _send_at_end_of_turn(reactor)
+
+
+def _next_turn(reactor: Any, call: _Call) -> None:
+    queue = _next_turns.get(reactor)
+    if queue is None:
+        queue = _next_turns[reactor] = deque()
+        reactor.callLater(0, _run_next_turn, reactor)
+    queue.append(call)
+
+
+def _run_next_turn(reactor: Any) -> None:
+    _run(_next_turns.pop(reactor))
+
+
+def _run(queue: deque[_Call]) -> None:
+    """Call each queued ``work``, in order; one that raises does not stop the rest."""
+    while queue:
+        work, args, kwargs = queue.popleft()
+        try:
+            work(*args, **kwargs)
+        except Exception:
+            _log.failure("work after sending failed")
 
 
 def poll_before_sleeping(poll: Callable[[], None] | None) -> None:
@@ -173,12 +204,7 @@ def _send_held() -> None:
             # leave this one to the reactor's own doWrite.
             _log.failure("sending held writes failed")
             transport.startWriting()
-    while _after:
-        work, args, kwargs = _after.popleft()
-        try:
-            work(*args, **kwargs)
-        except Exception:
-            _log.failure("work after sending failed")
+    _run(_after)
     if sent and _before_sleeping is not None:
         _before_sleeping()
 
