@@ -270,3 +270,17 @@ def test_without_the_service_each_reactor_has_its_own_turn(holding) -> None:
     assert done == ["running"]
     stalled.advance(0)
     assert done == ["running", "stalled"]
+
+
+def test_a_send_pending_on_another_reactor_does_not_hold_up_this_one(connection) -> None:
+    """Held writes go out on their own reactor's turn even while another clock has a send pending."""
+    transport, peer, reactor, protocol = connection
+    stalled = MemoryReactorClock()
+    protocol.dataReceived = lambda data: held_writes.after_sending(stalled, lambda: None)
+    peer.send(b"request")
+    transport.doRead()  # queues work on the stalled clock, which is never advanced
+    protocol.dataReceived = Answering.dataReceived.__get__(protocol)
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert transport.socket.sends == [b"head:body"]

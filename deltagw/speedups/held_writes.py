@@ -61,8 +61,9 @@ _depth = 0
 """How many read dispatches are on the stack (the reactor runs one; a
 protocol may read another connection's socket synchronously)."""
 
-_sending: Any = None
-"""The pending call that sends the held writes, once this poll's events are done."""
+_sending: set[Any] = set()
+"""The reactors with a call pending that sends the held writes, once this
+poll's events are done (one in production; a test's clocks are reactors too)."""
 
 _after: deque[_Call] = deque()
 """Work to do once the held writes are sent (`after_sending`), in order."""
@@ -186,14 +187,13 @@ def poll_before_sleeping(poll: Callable[[], None] | None) -> None:
 
 
 def _send_at_end_of_turn(reactor: Any) -> None:
-    global _sending
-    if _sending is None:
-        _sending = reactor.callLater(0, _send_held)
+    if reactor not in _sending:
+        _sending.add(reactor)
+        reactor.callLater(0, _send_held, reactor)
 
 
-def _send_held() -> None:
-    global _sending
-    _sending = None
+def _send_held(reactor: Any) -> None:
+    _sending.discard(reactor)
     sent = bool(_held)
     while _held:
         transport = _held.pop()
