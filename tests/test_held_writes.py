@@ -284,3 +284,14 @@ def test_a_send_pending_on_another_reactor_does_not_hold_up_this_one(connection)
     transport.doRead()
     reactor.advance(0)
     assert transport.socket.sends == [b"head:body"]
+
+
+def test_stopping_the_service_twice_counts_once(holding) -> None:
+    """A service stopped twice (a gateway stopped twice) does not switch off another that runs."""
+    other = held_writes.HeldWrites()
+    other.startService()
+    other.stopService()
+    other.stopService()
+    assert held_writes.installed()
+    holding.stopService()
+    assert not held_writes.installed()

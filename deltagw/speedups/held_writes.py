@@ -225,13 +225,15 @@ class HeldWrites(Service):
 
     def startService(self) -> None:
         global _installed
+        if not self.running:  # a service may be started or stopped twice
+            _installed += 1
         super().startService()
-        _installed += 1
 
     def stopService(self) -> None:
         global _installed
+        if self.running:
+            _installed -= 1
         super().stopService()
-        _installed -= 1
 
 
 def installed() -> bool:
