@@ -1,6 +1,7 @@
 """The service tree twistd runs: one listening site and the upstream pool.
 
-Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > listener).
+Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > `Listener`,
+and with SPEEDUPS ``HeldWrites`` and ``BusyPoll`` from `deltagw.speedups`).
 Stopping drains first (stop listening, let in-flight requests finish), while
 the limiter and the pool those requests use still work; then the rest.
 """

@@ -13,10 +13,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web import http, server
 
-from deltagw.speedups import held_writes
 from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
+from deltagw.speedups import held_writes
 
 _access_log = get_logger(component="access")
 

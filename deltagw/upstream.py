@@ -34,8 +34,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from deltagw.speedups import held_writes
 from deltagw.headers import connection_named
+from deltagw.speedups import held_writes
 
 Header = tuple[bytes, bytes]
 
