@@ -205,7 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("breaker_reset", "BREAKER_RESET", "30", _seconds),
     Setting("retries", "RETRIES", "1", _non_negative_int),
     Setting("max_in_flight", "MAX_IN_FLIGHT", "256", _positive_int),
-    Setting("busy_poll_us", "BUSY_POLL_US", "50", _microseconds),
+    Setting("busy_poll_us", "BUSY_POLL_US", "0", _microseconds),
     Setting("speedups", "SPEEDUPS", "1", _flag),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),

@@ -8,8 +8,7 @@ seconds to finish with their real responses. While draining,
 keep-alive clients move elsewhere.
 
 twistd's own SIGTERM handler (``ReactorBase.sigTerm``) stops the reactor
-*and* records the signal in ``reactor._exitSignal``; after the reactor stops,
-``twisted.scripts.twistd.runApp`` re-raises it (``app._exitWithSignal``), so
+*and* records the signal; after the reactor stops, twistd re-raises it, so
 the process dies by signal 15 (exit status 143) however cleanly it drained.
 A drain that completed is a normal exit, so `DrainService` replaces that
 handler with one that only stops the reactor: the shutdown (and the drain,

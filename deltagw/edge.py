@@ -12,12 +12,12 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
-from deltagw import writethrough
 from deltagw.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, PayloadTooLarge, write_error
 from deltagw.headers import client_address, request_id, trace_context
 from deltagw.logs import get_logger
 from deltagw.site import GatewayRequest
+from deltagw.speedups import held_writes
 
 _log = get_logger(component="access")
 
@@ -84,7 +84,7 @@ class EdgeResource(Resource):
         request.client_address = client_address(
             peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []), self._trusted
         )
-        writethrough.after_sending(
+        held_writes.after_sending(
             self._reactor,
             _log.msg,
             "incoming_request",

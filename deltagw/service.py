@@ -1,6 +1,7 @@
 """The service tree twistd runs: one listening site and the upstream pool.
 
-Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > listener).
+Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > `Listener`,
+and with SPEEDUPS ``HeldWrites`` and ``BusyPoll`` from `deltagw.speedups`).
 Stopping drains first (stop listening, let in-flight requests finish), while
 the limiter and the pool those requests use still work; then the rest.
 """
@@ -11,27 +12,31 @@ import gc
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection, MultiService
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from deltagw.app import Gateway
 from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
 from deltagw.authentication import Authenticator
-from deltagw.busypoll import BusyPoll
 from deltagw.config import ConfigError, Settings
 from deltagw.drain import DrainService, RequestTracker
 from deltagw.limits import RateLimits
-from deltagw.logs import LogFlusher, observer
+from deltagw.logs import LogFlusher, get_logger, observer
 from deltagw.metrics import Metrics
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.retry import RetryPolicy
 from deltagw.site import GatewaySite
+from deltagw.speedups.busy_poll import BusyPoll
+from deltagw.speedups.held_writes import HeldWrites
 from deltagw.systemd import SystemdNotifier
 from deltagw.tls import upstream_tls_policy
 from deltagw.workers import listen_endpoint
+
+_log = get_logger(component="service")
 
 
 def make_verifier(settings: Settings, reactor: Any, http: HTTPClient) -> Verifier:
@@ -65,7 +70,7 @@ A proxied request leaves no reference cycle of its own (a test checks), so
 what it allocates is freed at once and the youngest generation fills only
 with what lives on (connections, cached tokens, limiter buckets); at the
 default thresholds the collector kept rescanning the 64 requests in flight
-(15 % of the gateway's CPU at the time; bench/, py-spy --native). Cycles
+(15 % of the gateway's CPU at the time, by py-spy --native). Cycles
 made elsewhere (Twisted's connectors, failures) wait a little longer."""
 
 _heap_frozen = False
@@ -100,6 +105,87 @@ RATE_LIMIT_FIELDS = (
 
 def _differ(old: Settings, new: Settings, names: tuple[str, ...]) -> bool:
     return any(getattr(old, name) != getattr(new, name) for name in names)
+
+
+class Listener(Service):
+    """Listens on an endpoint while running; a port it cannot get stops start-up.
+
+    Twisted's ``StreamServerEndpointService`` only logs a failure to listen
+    and runs on with no port. Here a failure that the endpoint reports at
+    once (a port in use, a missing certificate) ends start-up with one line
+    naming the setting; one reported later is logged and makes `listening`
+    fail. Listening starts in ``privilegedStartService``, before twistd
+    drops privileges (``--uid``).
+
+    Args:
+        endpoint: Where to listen.
+        factory: The protocol factory of the connections.
+        setting: Names the setting in the start-up error (``PORT='tcp:80'``).
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Any, setting: str = "PORT"
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.setting = setting
+        self._listening: defer.Deferred[Any] | None = None
+        self._result: IListeningPort | Failure | None = None
+        self._waiting: list[defer.Deferred[IListeningPort]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        self._result = None
+        listening = self.endpoint.listen(self.factory).addBoth(self._settle)
+        if isinstance(self._result, Failure):
+            listening.addErrback(lambda _: None)  # said once, by the exit line
+            raise SystemExit(f"deltagw: {self.setting}: {self._result.getErrorMessage()}")
+        self._listening = listening.addErrback(self._failed_later)
+
+    def _settle(self, result: Any) -> Any:
+        """Keep the port (or why there is none) and tell whoever waits."""
+        self._result = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        return result
+
+    def _failed_later(self, failure: Failure) -> None:
+        if not failure.check(defer.CancelledError):
+            _log.err("listen_failed", _stuff=failure, setting=self.setting)
+
+    def listening(self) -> defer.Deferred[IListeningPort]:
+        """Fires with the listening port (or fails) once listening has settled."""
+        if isinstance(self._result, Failure):
+            return defer.fail(self._result)
+        if self._result is not None:
+            return defer.succeed(self._result)
+        d: defer.Deferred[IListeningPort] = defer.Deferred(self._waiting.remove)
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop listening, or stop trying to."""
+        super().stopService()
+        listening, self._listening = self._listening, None
+        result, self._result = self._result, None
+        if listening is not None and result is None:
+            listening.cancel()
+        if result is None or isinstance(result, Failure):
+            return defer.succeed(None)
+        return defer.maybeDeferred(result.stopListening)
 
 
 class GatewayService(MultiService):
@@ -141,13 +227,14 @@ class GatewayService(MultiService):
         )
         self.drain.setServiceParent(self)
         self.site = GatewaySite(self.tracker, settings, reactor, metrics=self.metrics)
-        self.busy_poll = BusyPoll(reactor, settings.busy_poll_us)
-        self.busy_poll.setServiceParent(self)
-        self.listener = StreamServerEndpointService(
-            listen_endpoint(reactor, settings), self.site
+        self.busy_poll: BusyPoll | None = None
+        if settings.speedups:
+            HeldWrites().setServiceParent(self)
+            self.busy_poll = BusyPoll(reactor, settings.busy_poll_us)
+            self.busy_poll.setServiceParent(self)
+        self.listener = Listener(
+            listen_endpoint(reactor, settings), self.site, f"PORT={settings.port!r}"
         )
-        # A port that cannot be bound must stop start-up, not just log.
-        self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self.drain)
         # After the listener: READY=1 once it listens; MultiService stops
         # children in reverse, so STOPPING=1 goes out before the port closes.
@@ -189,7 +276,8 @@ class GatewayService(MultiService):
         self.tracker.wrapped = self.gateway.resource()
         self.site.settings = settings
         self.site.timeOut = settings.client_timeout
-        self.busy_poll.microseconds = settings.busy_poll_us
+        if self.busy_poll is not None:
+            self.busy_poll.microseconds = settings.busy_poll_us
         self.settings = settings
 
     def startService(self) -> None:
@@ -203,7 +291,7 @@ class GatewayService(MultiService):
 
     def listening(self) -> defer.Deferred[Any]:
         """Fires with the listening port once the service has started."""
-        return self.listener._waitingForPort
+        return self.listener.listening()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -13,10 +13,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web import http, server
 
-from deltagw import writethrough
 from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
+from deltagw.speedups import held_writes
 
 _access_log = get_logger(component="access")
 
@@ -77,7 +77,7 @@ class GatewayRequest(server.Request):
         self.log_fields["upstream"] = service
         self.log_fields["upstream_latency_ms"] = round(elapsed * 1000, 3)
         if site.metrics is not None:
-            writethrough.after_sending(
+            held_writes.after_sending(
                 site.reactor, site.metrics.observe_upstream, service, elapsed, failure
             )
         if failure is not None:
@@ -125,7 +125,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        writethrough.adopt(self.transport)
+        held_writes.adopt(self.transport)
         self._close_waiters: list[defer.Deferred[None]] = []
 
     def getHost(self) -> Any:
@@ -255,7 +255,7 @@ class GatewaySite(server.Site):
         its answer has been sent."""
         if request.started:
             ended = self.reactor.seconds()
-            writethrough.after_sending(
+            held_writes.after_sending(
                 self.reactor, self.log_response, request, status or request.code, ended
             )
 

@@ -101,10 +101,9 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
 def _observe(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched.
 
-    The readiness Deferred typically belongs to someone else (the listening
-    service's ``_waitingForPort``, which its ``stopService`` later uses to
-    close the port): adding callbacks that replaced its result would break
-    its owner.
+    The readiness Deferred may belong to someone else (a listening service
+    that later uses it to close the port): adding callbacks that replaced
+    its result would break its owner.
     """
     copy: defer.Deferred[Any] = defer.Deferred()
 

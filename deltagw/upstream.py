@@ -34,8 +34,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from deltagw import writethrough
 from deltagw.headers import connection_named
+from deltagw.speedups import held_writes
 
 Header = tuple[bytes, bytes]
 
@@ -295,7 +295,7 @@ class _Connection(Protocol):
         self._chunk_state = 0
 
     def connectionMade(self) -> None:
-        writethrough.adopt(self.transport)
+        held_writes.adopt(self.transport)
 
     def send(self, method: bytes, head: bytes, body: bytes | None) -> defer.Deferred[UpstreamResponse]:
         """Write one request; the Deferred fires with the response head."""

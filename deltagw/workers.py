@@ -55,14 +55,16 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, fdesc, protocol, tcp
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import defer, error, fdesc, protocol
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from deltagw.config import SETTINGS, ConfigError, Settings
 from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
+from deltagw.speedups import turn_taking
 from deltagw.systemd import SystemdNotifier
 
 _log = get_logger(component="workers")
@@ -141,45 +143,38 @@ def worker_environment(
 # The worker's side: adopt the inherited socket
 
 
-class _TurnTakingPort(tcp.Port):
-    """A TCP port that accepts one connection each time it is woken.
-
-    Workers share one listening socket and each is woken when a connection
-    waits. Twisted's port accepts up to a hundred at a time, so a burst of
-    connections (a load balancer opening its pool, wrk's 64) could all land
-    on whichever worker woke first, leaving the others idle for the
-    connections' whole life (bench/: one worker busy, one at 0.02 s of CPU).
-    One at a time, the workers take turns, and a busy worker, slower to
-    come back to the socket, takes fewer.
-    """
-
-    @property  # type: ignore[override]
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        """Twisted's port grows this under load; a worker's stays at one."""
-
-
 class _AdoptingReactor:
-    """A reactor for ``serverFromString`` whose listen calls adopt one socket.
+    """The reactor a worker's endpoint listens on: it adopts, never binds.
 
-    The endpoint described by PORT still decides what sits on top of the
-    socket (``ssl:`` wraps the factory in TLS, exactly as
-    ``reactor.listenSSL`` does); only binding is replaced by adoption.
-    Anything else goes to the real reactor.
+    The endpoint described by PORT calls one of the public listen methods
+    (``IReactorTCP.listenTCP``, ``IReactorSSL.listenSSL``,
+    ``IReactorUNIX.listenUNIX``); each adopts the inherited socket with
+    ``reactor.adoptStreamPort`` instead. What sits on top of the socket is
+    decided here, explicitly: ``listenSSL`` hands over the context factory
+    and the site is wrapped in ``TLSMemoryBIOFactory``, as Twisted's own
+    ``listenSSL`` does. An ``ssl:`` PORT that asks for anything else is
+    refused (a worker must never serve plaintext on a port meant for TLS),
+    and nothing else of the real reactor is reachable from the endpoint.
+
+    Args:
+        reactor: The real reactor (``IReactorSocket``).
+        fd: The inherited listening socket.
+        take_turns: Whether the adopted port accepts one connection per
+            wake-up (`deltagw.speedups.turn_taking`, SPEEDUPS).
     """
 
-    def __init__(self, reactor: Any, fd: int) -> None:
+    tls = False
+    """Whether PORT describes a TLS endpoint (set once it is parsed)."""
+
+    def __init__(self, reactor: Any, fd: int, take_turns: bool) -> None:
         self._reactor = reactor
         self._fd = fd
+        self._take_turns = take_turns
         self._used = False
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
-
-    def _adopt(self, factory: Any) -> IListeningPort:
+    def _adopt(self, factory: Any, tls: bool = False) -> IListeningPort:
+        if self.tls and not tls:
+            raise ConfigError("PORT: an ssl: endpoint asked to listen without TLS; refused")
         if self._used:
             raise error.AlreadyListened()
         self._used = True
@@ -187,8 +182,8 @@ class _AdoptingReactor:
             family = probe.family
         fdesc.setNonBlocking(self._fd)
         port = self._reactor.adoptStreamPort(self._fd, family, factory)
-        if type(port) is tcp.Port:
-            port.__class__ = _TurnTakingPort
+        if self._take_turns:
+            turn_taking.take_turns(port)
         os.close(self._fd)  # the port holds its own duplicate
         return port
 
@@ -198,9 +193,7 @@ class _AdoptingReactor:
     def listenSSL(
         self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
     ) -> Any:
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
+        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory), tls=True)
 
     def listenUNIX(
         self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0
@@ -220,20 +213,30 @@ class InheritedPortEndpoint:
         fd: The inherited listening socket (its family is read from it).
         description: The PORT endpoint description; it decides the
             protocol on top (``ssl:`` means TLS), not the socket.
+        take_turns: Accept one connection per wake-up (SPEEDUPS).
     """
 
-    def __init__(self, reactor: Any, fd: int, description: str) -> None:
+    def __init__(
+        self, reactor: Any, fd: int, description: str, take_turns: bool = False
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
         self._description = description
+        self._take_turns = take_turns
 
     def listen(self, protocolFactory: Any) -> defer.Deferred[IListeningPort]:
         try:
-            adopting = _AdoptingReactor(self._reactor, self._fd)
+            adopting = _AdoptingReactor(self._reactor, self._fd, self._take_turns)
             endpoint = serverFromString(adopting, self._description)
+            adopting.tls = _is_tls(endpoint)
         except Exception:
             return defer.fail()
         return endpoint.listen(protocolFactory)
+
+
+def _is_tls(endpoint: IStreamServerEndpoint) -> bool:
+    """Whether an endpoint parsed from PORT serves TLS (``ssl:``)."""
+    return isinstance(endpoint, SSL4ServerEndpoint)
 
 
 def listen_endpoint(
@@ -256,7 +259,7 @@ def listen_endpoint(
         fd = int(inherited)
     except ValueError:
         raise ConfigError(f"{LISTEN_FD_ENV}={inherited!r}: expected a file descriptor number") from None
-    return InheritedPortEndpoint(reactor, fd, settings.port)
+    return InheritedPortEndpoint(reactor, fd, settings.port, take_turns=settings.speedups)
 
 
 def worker_log_observer() -> JSONLinesObserver:
@@ -424,8 +427,9 @@ class WorkerSupervisor(MultiService):
         if self.port is not None:
             return
         binding = _BindingReactor(self._reactor)
+        endpoint = serverFromString(binding, self.settings.port)
         result: list[Any] = []
-        serverFromString(binding, self.settings.port).listen(_Unserved()).addBoth(result.append)
+        endpoint.listen(_Unserved()).addBoth(result.append)
         if not result:
             raise ConfigError(f"PORT={self.settings.port!r}: the endpoint did not listen at once")
         if isinstance(result[0], Failure):
@@ -441,8 +445,10 @@ class WorkerSupervisor(MultiService):
         port.stopReading()
         self.port = port
         # A worker can re-read the description only if it binds nothing
-        # systemd-specific; TLS needs the original (certificate paths).
-        self._port_description = self.settings.port if binding.tls else _describe(port)
+        # systemd-specific; TLS needs the original (certificate paths), and
+        # an ssl: PORT keeps it whatever the endpoint called.
+        tls = binding.tls or _is_tls(endpoint)
+        self._port_description = self.settings.port if tls else _describe(port)
 
     def _bound(self) -> defer.Deferred[Any]:
         return defer.succeed(self.port)

@@ -161,11 +161,17 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{number}"
 
 
+def speedups_from_environ() -> dict[str, str]:
+    """SPEEDUPS as the test run was given it, so that ``SPEEDUPS=0 pytest``
+    runs every in-process gateway on public Twisted only."""
+    return {"SPEEDUPS": os.environ["SPEEDUPS"]} if "SPEEDUPS" in os.environ else {}
+
+
 class RunningGateway:
     """A GatewayService on a free loopback port, with a client pointed at it."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        env = {"PORT": "tcp:0:interface=127.0.0.1:backlog=1024", **env}
+        env = {"PORT": "tcp:0:interface=127.0.0.1:backlog=1024", **speedups_from_environ(), **env}
         self.settings = load_settings(env)
         self.service = GatewayService(self.settings, reactor)
         self.pool = HTTPConnectionPool(reactor, persistent=False)

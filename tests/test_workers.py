@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import error, protocol, reactor, task
+from twisted.internet import error, protocol, reactor, task, tcp
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from deltagw.config import load_settings
+from deltagw.config import ConfigError, load_settings
 from deltagw.workers import (
     LISTEN_FD_ENV,
     InheritedPortEndpoint,
     WorkerSupervisor,
+    _AdoptingReactor,
     listen_endpoint,
     worker_environment,
 )
@@ -424,10 +426,12 @@ def test_workers_option_beats_variable_and_one_worker_means_no_supervisor(
     assert not any(e.get("component") == "workers" for e in daemon.events)
 
 
+@pytest.mark.parametrize("speedups", ["1", "0"])
 def test_workers_serve_tls_on_an_ssl_port(
-    supervised: Callable[..., Supervised], tmp_path: Path
+    supervised: Callable[..., Supervised], tmp_path: Path, speedups: str
 ) -> None:
-    """With an ssl: PORT the parent binds plain TCP and every worker speaks TLS on it."""
+    """With an ssl: PORT the parent binds plain TCP and every worker speaks TLS on it,
+    with and without SPEEDUPS."""
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
@@ -436,13 +440,15 @@ def test_workers_serve_tls_on_an_ssl_port(
     context = ssl.create_default_context()
     ca.configure_trust(context)
     port_spec = "ssl:0:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem"
-    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=port_spec))
+    daemon = supervised(twistd("--workers", "2"), child_environ(PORT=port_spec, SPEEDUPS=speedups))
     port, pids = daemon.serving(2)
     assert all("(TLS)" in e["event"] for e in daemon.events
                if e.get("pid") in pids and "starting on" in e.get("event", ""))
     assert serving_pids(daemon, port, lambda seen: len(seen) == 2, context=context) == pids
-
-
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = plain.recv(65536)
+    assert not answer.startswith(b"HTTP/"), answer
 
 
 def test_workers_share_a_socket_passed_by_systemd(supervised: Callable[..., Supervised]) -> None:
@@ -470,10 +476,12 @@ def test_a_bad_workers_value_stops_startup() -> None:
 # The worker's endpoint
 
 
-def test_adopted_port_accepts_one_connection_per_wake_up() -> None:
-    """A worker's port takes one waiting connection each time it is woken, so
-    workers sharing the socket take turns instead of one taking a whole burst."""
-    settings = load_settings({"PORT": LOOPBACK_ANY_PORT})
+@pytest.mark.parametrize("speedups, per_wake_up", [("1", 1), ("0", 3)])
+def test_adopted_port_accepts_one_connection_per_wake_up(speedups: str, per_wake_up: int) -> None:
+    """With SPEEDUPS a worker's port takes one waiting connection each time it is
+    woken, so workers sharing the socket take turns; without, Twisted's stock port
+    takes the whole burst."""
+    settings = load_settings({"PORT": LOOPBACK_ANY_PORT, "SPEEDUPS": speedups})
     built: list[Any] = []
     factory = protocol.Factory.forProtocol(protocol.Protocol)
     factory.buildProtocol = lambda addr: built.append(addr) or protocol.Protocol()  # type: ignore[method-assign]
@@ -484,10 +492,9 @@ def test_adopted_port_accepts_one_connection_per_wake_up() -> None:
         (port,) = ports
         clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
         try:
+            assert (type(port) is tcp.Port) == (speedups == "0")
             port.doRead()
-            assert len(built) == 1
-            port.doRead()
-            assert len(built) == 2
+            assert len(built) == per_wake_up
         finally:
             for client in clients:
                 client.close()
@@ -520,6 +527,38 @@ def test_listen_endpoint_adopts_the_inherited_socket_in_a_worker() -> None:
     assert adopted == [(fd, socket.AF_INET, "factory")]
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+@pytest.mark.parametrize("speedups", ["1", "0"])
+def test_a_worker_wraps_an_ssl_port_in_tls(speedups: str, tmp_path: Path) -> None:
+    """A worker adopting the socket of an ssl: PORT puts the site behind TLS, in both modes."""
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    description = f"ssl:0:privateKey={tmp_path / 'both.pem'}"
+    settings = load_settings({"PORT": description, "SPEEDUPS": speedups})
+    adopted: list[Any] = []
+
+    class Reactor:
+        def adoptStreamPort(self, fd: int, family: int, factory: Any) -> str:
+            adopted.append(factory)
+            return "port"
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        endpoint = listen_endpoint(Reactor(), settings, {LISTEN_FD_ENV: str(os.dup(listener.fileno()))})
+        results: list[Any] = []
+        endpoint.listen("site").addBoth(results.append)
+    assert results == ["port"]
+    (factory,) = adopted
+    assert isinstance(factory, TLSMemoryBIOFactory) and factory.wrappedFactory == "site"
+
+
+def test_a_worker_refuses_plaintext_on_an_ssl_port() -> None:
+    """Were an ssl: endpoint to ask for a plain listen, the worker refuses rather than serve plaintext."""
+    adopting = _AdoptingReactor(object(), -1, take_turns=False)
+    adopting.tls = True
+    with pytest.raises(ConfigError, match="without TLS"):
+        adopting.listenTCP(0, protocol.Factory())
 
 
 def test_worker_environment_hands_options_down_as_variables() -> None:

@@ -1,4 +1,8 @@
-"""After a turn that sent, the reactor polls for its next event before it sleeps."""
+"""After a turn that sent, the reactor polls for its next event before it sleeps.
+
+The speedup is run explicitly here (SPEEDUPS=1, BUSY_POLL_US set), whatever
+the environment of the test run says.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 
-from deltagw import writethrough
-from deltagw.busypoll import BusyPoll
+from deltagw.speedups import held_writes
+from deltagw.speedups.busy_poll import BusyPoll
 from deltagw.config import ConfigError, load_settings
 from tests.support import RunningGateway
 
@@ -64,6 +68,7 @@ def test_poll_gives_up_after_its_budget(epoll_reactor) -> None:
 
 
 def test_zero_sleeps_at_once(epoll_reactor) -> None:
+    """A budget of 0 never looks at the clock or the descriptor."""
     clock = CountingClock(step=1e-6)
     BusyPoll(epoll_reactor, 0, clock=clock).poll()
     assert clock.reads == 0
@@ -74,7 +79,7 @@ def test_only_the_epoll_reactor_is_polled() -> None:
     busy = BusyPoll(MemoryReactorClock(), 50)
     busy.startService()
     try:
-        assert writethrough._before_sleeping is None
+        assert held_writes._before_sleeping is None
     finally:
         busy.stopService()
 
@@ -92,11 +97,11 @@ class Replying(Protocol):
         self.calls = calls
 
     def connectionMade(self) -> None:
-        writethrough.adopt(self.transport)
+        held_writes.adopt(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.silent:
-            writethrough.after_sending(self.transport.reactor, self.calls.append, "work")
+            held_writes.after_sending(self.transport.reactor, self.calls.append, "work")
         else:
             self.transport.write(b"answer")
 
@@ -106,6 +111,8 @@ def test_turns_that_sent_poll_and_others_do_not(epoll_reactor) -> None:
     calls: list[str] = []
     busy = BusyPoll(epoll_reactor, 50)
     busy.poll = lambda: calls.append("poll")  # type: ignore[method-assign]
+    holding = held_writes.HeldWrites()
+    holding.startService()
     busy.startService()
     ours, peer = socket.socketpair()
     try:
@@ -124,36 +131,39 @@ def test_turns_that_sent_poll_and_others_do_not(epoll_reactor) -> None:
         assert calls == ["poll", "work"]
     finally:
         busy.stopService()
+        holding.stopService()
         ours.close()
         peer.close()
-    assert writethrough._before_sleeping is None
+    assert held_writes._before_sleeping is None
 
 
 @pytest.mark.parametrize("value", ["-1", "1001", "fast"])
 def test_bad_busy_poll_names_the_setting(value: str) -> None:
+    """A BUSY_POLL_US that is not 0..1000 is an error that names it."""
     with pytest.raises(ConfigError) as raised:
         load_settings({"BUSY_POLL_US": value})
     assert str(raised.value).startswith("BUSY_POLL_US")
 
 
-def test_busy_poll_defaults_to_50_microseconds() -> None:
-    assert load_settings({}).busy_poll_us == 50
-    assert load_settings({"BUSY_POLL_US": "0"}).busy_poll_us == 0
+def test_busy_poll_is_off_by_default() -> None:
+    """BUSY_POLL_US is opt-in: by default the process sleeps as soon as it has nothing to do."""
+    assert load_settings({}).busy_poll_us == 0
+    assert load_settings({"BUSY_POLL_US": "50"}).busy_poll_us == 50
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_gateway_polls_while_it_runs_and_reloads_the_budget() -> None:
     """The running gateway installs its poll on the real (epoll) reactor, reloads
     BUSY_POLL_US, and removes the poll when it stops."""
-    gateway = RunningGateway({"BUSY_POLL_US": "30"})
+    gateway = RunningGateway({"BUSY_POLL_US": "30", "SPEEDUPS": "1"})
     await gateway.start()
     try:
-        assert writethrough._before_sleeping == gateway.service.busy_poll.poll
+        assert held_writes._before_sleeping == gateway.service.busy_poll.poll
         assert gateway.service.busy_poll.microseconds == 30
         response = await gateway.get("/health")
         assert response.code == 200
-        gateway.service.apply_settings(load_settings({"BUSY_POLL_US": "0"}))
+        gateway.service.apply_settings(load_settings({"BUSY_POLL_US": "0", "SPEEDUPS": "1"}))
         assert gateway.service.busy_poll.microseconds == 0
     finally:
         await gateway.stop()
-    assert writethrough._before_sleeping is None
+    assert held_writes._before_sleeping is None

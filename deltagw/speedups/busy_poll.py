@@ -3,22 +3,23 @@
 At one request at a time the gateway sends a request upstream and waits for
 the answer, then sends the answer and waits for the client's next request.
 A wait that ends in the kernel waking a process asleep in ``epoll_wait``
-costs more than it seems on a virtual machine: in `make bench`, removing
-both access-log events made the latency at one connection worse, 0.357
-against 0.325 ms, although the gateway then did less work, because the
-logging had kept it awake until the next event came (issue 9).
+costs more than it seems on a virtual machine: doing less work (no access
+log) once made the latency at one connection worse, because the logging had
+kept the process awake until the next event came.
 
-So after a reactor turn that sent bytes, the reactor's epoll descriptor is
-polled, without taking its events, for up to BUSY_POLL_US microseconds
-before the reactor is let sleep. The first ready event ends the poll, and
-the reactor handles it without a wake-up. A turn that sent nothing never
-polls, so an idle gateway spends nothing; under load an event is nearly
-always ready and the poll ends at its first look. The price is up to
-BUSY_POLL_US of CPU for each turn that sent and whose answer is slower
-than that. Measured over six interleaved rounds against the code before
-it: the median at one connection went from 0.320 to 0.278 ms (direct
-0.060 ms), and CPU per request from 311 to 290 µs there; at 64
-connections nothing changed (177 µs).
+So after a reactor turn that sent held writes (`deltagw.speedups.held_writes`),
+the reactor's epoll descriptor is polled, without taking its events, for up
+to BUSY_POLL_US microseconds before the reactor is let sleep. The first
+ready event ends the poll, and the reactor handles it without a wake-up. A
+turn that sent nothing never polls, so an idle gateway spends nothing; under
+load an event is nearly always ready and the poll ends at its first look.
+The price is up to BUSY_POLL_US of CPU for each turn that sent and whose
+answer is slower than that, which is why it is opt-in (default 0): it pays
+at one connection on a virtual machine, and nowhere under load.
+
+Relies on (checked by ``tests/test_speedups_shape.py``): the epoll reactor's
+private ``_poller``, a ``select.epoll`` with ``fileno()``. With any other
+reactor it does nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 from twisted.application.service import Service
 
-from deltagw import writethrough
+from deltagw.speedups import held_writes
 
 
 class BusyPoll(Service):
@@ -53,11 +54,11 @@ class BusyPoll(Service):
     def startService(self) -> None:
         super().startService()
         if self._ready is not None:
-            writethrough.poll_before_sleeping(self.poll)
+            held_writes.poll_before_sleeping(self.poll)
 
     def stopService(self) -> None:
         super().stopService()
-        writethrough.poll_before_sleeping(None)
+        held_writes.poll_before_sleeping(None)
 
     def poll(self) -> None:
         """Return once the reactor has an event, or after ``microseconds``."""

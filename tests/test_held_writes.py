@@ -1,4 +1,8 @@
-"""Writes made while a read is dispatched leave together once the poll's events are done."""
+"""Writes made while a read is dispatched leave together once the poll's events are done.
+
+These tests run the speedup explicitly (a `HeldWrites` service), whatever
+SPEEDUPS says; the last ones check what is left of it without the service.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,17 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from deltagw import writethrough
+from deltagw.speedups import held_writes
+
+
+@pytest.fixture(autouse=True)
+def holding() -> Iterator[held_writes.HeldWrites]:
+    """Hold writes while each test runs (a test of SPEEDUPS=0 stops it first)."""
+    service = held_writes.HeldWrites()
+    service.startService()
+    yield service
+    if service.running:
+        service.stopService()
 
 
 class CountingSocket:
@@ -43,7 +57,7 @@ class Answering(Protocol):
     close_after = False
 
     def connectionMade(self) -> None:
-        writethrough.adopt(self.transport)
+        held_writes.adopt(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"head:")
@@ -54,6 +68,10 @@ class Answering(Protocol):
 
 @pytest.fixture
 def connection() -> Iterator[tuple[Any, socket.socket, MemoryReactorClock, Answering]]:
+    yield from _connection()
+
+
+def _connection() -> Iterator[tuple[Any, socket.socket, MemoryReactorClock, Answering]]:
     ours, peer = socket.socketpair()
     peer.setblocking(False)
     reactor = MemoryReactorClock()
@@ -61,9 +79,11 @@ def connection() -> Iterator[tuple[Any, socket.socket, MemoryReactorClock, Answe
     transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), _Port(), 1, reactor)
     protocol.makeConnection(transport)
     transport.socket = CountingSocket(ours)
-    yield transport, peer, reactor, protocol
-    ours.close()
-    peer.close()
+    try:
+        yield transport, peer, reactor, protocol
+    finally:
+        ours.close()
+        peer.close()
 
 
 def _received(peer: socket.socket) -> bytes:
@@ -124,13 +144,13 @@ def test_closing_connection_is_left_to_twisted(connection) -> None:
 def test_only_plain_tcp_transports_take_part() -> None:
     """adopt changes a plain TCP transport's class and leaves any other transport alone."""
     other = StringTransport()
-    writethrough.adopt(other)
+    held_writes.adopt(other)
     assert type(other) is StringTransport
     ours, peer = socket.socketpair()
     try:
         transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), _Port(), 1,
                                MemoryReactorClock())
-        writethrough.adopt(transport)
+        held_writes.adopt(transport)
         assert isinstance(transport, tcp.Server) and type(transport) is not tcp.Server
     finally:
         ours.close()
@@ -162,8 +182,8 @@ def test_work_after_sending_waits_for_the_held_bytes(connection) -> None:
 
     def answer_then_queue(data: bytes) -> None:
         answer(data)
-        writethrough.after_sending(reactor, lambda: done.append(("first", transport.socket.sends[:])))
-        writethrough.after_sending(reactor, done.append, "second")
+        held_writes.after_sending(reactor, lambda: done.append(("first", transport.socket.sends[:])))
+        held_writes.after_sending(reactor, done.append, "second")
 
     protocol.dataReceived = answer_then_queue
     peer.send(b"request")
@@ -176,7 +196,7 @@ def test_work_after_sending_waits_for_the_held_bytes(connection) -> None:
 def test_work_outside_a_read_runs_at_once() -> None:
     """With nothing held (a timer, a test calling in), the work is not deferred."""
     done: list[str] = []
-    writethrough.after_sending(MemoryReactorClock(), done.append, "now")
+    held_writes.after_sending(MemoryReactorClock(), done.append, "now")
     assert done == ["now"]
 
 
@@ -189,8 +209,8 @@ def test_failing_work_does_not_stop_the_rest(connection) -> None:
         raise RuntimeError("boom")
 
     def queue(data: bytes) -> None:
-        writethrough.after_sending(reactor, broken)
-        writethrough.after_sending(reactor, done.append, "after")
+        held_writes.after_sending(reactor, broken)
+        held_writes.after_sending(reactor, done.append, "after")
 
     protocol.dataReceived = queue
     peer.send(b"request")
@@ -203,10 +223,75 @@ def test_work_from_outside_a_read_waits_behind_queued_work(connection) -> None:
     """A connection lost outside the read still logs after the request's queued line."""
     transport, peer, reactor, protocol = connection
     done: list[str] = []
-    protocol.dataReceived = lambda data: writethrough.after_sending(reactor, done.append, "incoming")
+    protocol.dataReceived = lambda data: held_writes.after_sending(reactor, done.append, "incoming")
     peer.send(b"request")
     transport.doRead()
-    writethrough.after_sending(reactor, done.append, "abandoned")
+    held_writes.after_sending(reactor, done.append, "abandoned")
     assert done == []
     reactor.advance(0)
     assert done == ["incoming", "abandoned"]
+
+
+def test_without_the_service_adopt_leaves_the_transport_stock(holding) -> None:
+    """With SPEEDUPS=0 (no service) the transport keeps Twisted's class and path."""
+    holding.stopService()
+    assert not held_writes.installed()
+    connection = _connection()
+    transport, peer, reactor, _ = next(connection)
+    assert type(transport) is tcp.Server
+    peer.send(b"request")
+    transport.doRead()
+    assert transport.socket.sends == [] and transport in reactor.getWriters()
+    transport.doWrite()
+    assert _received(peer) == b"head:body"
+    connection.close()
+
+
+def test_without_the_service_work_waits_for_the_next_turn_in_order(holding) -> None:
+    """With SPEEDUPS=0 work is still done after the turn that queued it, in order."""
+    holding.stopService()
+    reactor = MemoryReactorClock()
+    done: list[str] = []
+    for name in ("first", "second", "third"):
+        held_writes.after_sending(reactor, done.append, name)
+    assert done == []
+    reactor.advance(0)
+    assert done == ["first", "second", "third"]
+
+
+def test_without_the_service_each_reactor_has_its_own_turn(holding) -> None:
+    """Work queued on a clock that never advances does not hold up another reactor's work."""
+    holding.stopService()
+    stalled, running = MemoryReactorClock(), MemoryReactorClock()
+    done: list[str] = []
+    held_writes.after_sending(stalled, done.append, "stalled")
+    held_writes.after_sending(running, done.append, "running")
+    running.advance(0)
+    assert done == ["running"]
+    stalled.advance(0)
+    assert done == ["running", "stalled"]
+
+
+def test_a_send_pending_on_another_reactor_does_not_hold_up_this_one(connection) -> None:
+    """Held writes go out on their own reactor's turn even while another clock has a send pending."""
+    transport, peer, reactor, protocol = connection
+    stalled = MemoryReactorClock()
+    protocol.dataReceived = lambda data: held_writes.after_sending(stalled, lambda: None)
+    peer.send(b"request")
+    transport.doRead()  # queues work on the stalled clock, which is never advanced
+    protocol.dataReceived = Answering.dataReceived.__get__(protocol)
+    peer.send(b"request")
+    transport.doRead()
+    reactor.advance(0)
+    assert transport.socket.sends == [b"head:body"]
+
+
+def test_stopping_the_service_twice_counts_once(holding) -> None:
+    """A service stopped twice (a gateway stopped twice) does not switch off another that runs."""
+    other = held_writes.HeldWrites()
+    other.startService()
+    other.stopService()
+    other.stopService()
+    assert held_writes.installed()
+    holding.stopService()
+    assert not held_writes.installed()
