@@ -63,7 +63,7 @@ def settings_with_file(
 RESTART_ONLY = (
     "port", "max_idle_per_host", "idle_upstream_timeout", "breaker_failures", "breaker_reset",
     "retries", "max_in_flight", "shutdown_grace", "upstream_tls_verify", "upstream_ca_file",
-    "upstream_client_cert", "upstream_client_key",
+    "upstream_client_cert", "upstream_client_key", "speedups",
 )
 """Settings a running process cannot change: they shape what it already opened."""
 

@@ -82,7 +82,7 @@ def test_bad_option_names_the_option():
 def _base_env() -> dict[str, str]:
     import os
 
-    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "SPEEDUPS")}
 
 
 @pytest_twisted.ensureDeferred

@@ -76,3 +76,11 @@ def test_reload_applies_valid_and_keeps_running_on_invalid(tmp_path):
 def test_defaults_unchanged_without_file():
     """Without --config the settings are the environment's."""
     assert settings_with_file({"PORT": "9"}, {}, None) == load_settings({"PORT": "9"})
+
+
+def test_speedups_change_needs_a_restart():
+    """SPEEDUPS shapes the transports and services already running, so a reload
+    that changes it is reported as needing a restart."""
+    from deltagw.reload import RESTART_ONLY
+
+    assert "speedups" in RESTART_ONLY
