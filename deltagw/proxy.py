@@ -30,13 +30,15 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web import _newclient
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    RequestTransmissionFailed,
     ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
@@ -49,7 +51,15 @@ from deltagw.headers import copy_response_headers
 from deltagw.logs import get_logger
 from deltagw.retry import RetryPolicy, call_with_retries
 from deltagw.routes import SERVICES, Service
-from deltagw.upstream import NO_BODY_CODES, ConnectionPool, Header, UpstreamResponse
+from deltagw.upstream import (
+    NO_BODY_CODES,
+    ConnectionPool,
+    Header,
+    InvalidResponse,
+    NoResponse,
+    ResponseBroken,
+    UpstreamResponse,
+)
 
 _log = get_logger(component="proxy")
 
@@ -142,21 +152,33 @@ class UpstreamClient:
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
+_CONNECTION_FAILURES = (
+    NoResponse, ResponseBroken, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed
+)
+"""Failures that carry their causes in ``reasons``: the forward client's, and
+the public ones of twisted.web's client (the JSON calls, through treq)."""
+
+
 def failure_reason(failure: Failure) -> str:
     """A short name for why an upstream call failed, for logs and metrics."""
     if failure.check(defer.TimeoutError, defer.CancelledError):
         return "timeout"
+    if failure.check(InvalidResponse):
+        return "invalid_response"
     if failure.check(error.ConnectionRefusedError):
         return "refused"
     if failure.check(error.DNSLookupError, error.NoRouteError, error.ConnectError):
         return "unreachable"
     if failure.check(SSL.Error, VerificationError):
         return "tls"
-    if failure.check(_newclient._WrapperException):
+    if failure.check(*_CONNECTION_FAILURES):
         reasons = failure.value.reasons
         if any(r.check(SSL.Error, VerificationError) for r in reasons):
             return "tls"
-        if any(r.check(_newclient.ParseError, _newclient.BadHeaders) for r in reasons):
+        if failure.check(ResponseFailed) and not all(
+            r.check(error.ConnectionLost, error.ConnectionDone) for r in reasons
+        ):
+            # twisted.web's client fails an answer it cannot parse this way.
             return "invalid_response"
         return "reset"
     if failure.check(error.ConnectionLost, error.ConnectionDone):
@@ -532,7 +554,7 @@ def _was_cancelled(failure: Failure) -> bool:
     if failure.check(defer.CancelledError, error.ConnectingCancelledError):
         return True
     return bool(
-        failure.check(_newclient._WrapperException)
+        failure.check(*_CONNECTION_FAILURES)
         and any(r.check(defer.CancelledError) for r in failure.value.reasons)
     )
 

@@ -33,11 +33,9 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseNeverReceived,
-)
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
+
+from deltagw.upstream import NoResponse
 
 T = TypeVar("T")
 
@@ -60,19 +58,19 @@ def _is_lost_connection(reason: Failure) -> bool:
 def is_connection_failure(failure: Failure) -> bool:
     """Tell whether a call failed on the connection before any response byte.
 
-    Checked against the failure types of twisted.web's HTTP/1.1 client
-    (``twisted.web._newclient``), which ``deltagw.upstream`` raises too:
+    Checked against the forward client's `NoResponse` and the public
+    failure types of twisted.web's HTTP/1.1 client (``twisted.web.client``):
 
     - `ConnectionRefusedError`: the connect was refused; nothing was sent.
     - `RequestNotSent`: the pooled connection was no longer usable; nothing
       was sent.
     - `RequestTransmissionFailed`: the connection was lost while the request
       was being written; its ``reasons`` hold the transport's reason.
-    - `ResponseNeverReceived`: the request was sent but the connection ended
-      before any response byte (the parser raises `ResponseFailed` instead
-      once a byte has arrived). Cancelling the request also raises it, with a
-      `CancelledError` reason, and ``HTTP11ClientProtocol.abort`` with
-      ``_newclient.ConnectionAborted``; so the wrappers count only when every
+    - `NoResponse` / `ResponseNeverReceived`: the request was sent but the
+      connection ended before any response byte (the parsers fail otherwise
+      once a byte has arrived). Cancelling a request of twisted.web's client
+      also raises it, with a `CancelledError` reason, and its abort with
+      another ``ConnectionAborted``; so the wrappers count only when every
       reason is a connection closed or reset by the peer.
     - bare `ConnectionLost` / `ConnectionDone`, for the same peer-side loss
       surfacing unwrapped.
@@ -80,7 +78,7 @@ def is_connection_failure(failure: Failure) -> bool:
     Anything else is not: timeouts (``defer.TimeoutError``,
     ``error.TimeoutError``, ``TCPTimedOutError``, ``ConnectingCancelledError``),
     `CancelledError`, ``RequestGenerationFailed`` (which is what a cancel
-    while sending raises), DNS and TLS errors, invalid HTTP and `ResponseFailed`.
+    while sending raises), DNS and TLS errors, `InvalidResponse`, `ResponseBroken` and `ResponseFailed`.
 
     Args:
         failure: The failure of one attempt.
@@ -93,7 +91,7 @@ def is_connection_failure(failure: Failure) -> bool:
         return False
     if failure.check(ConnectionRefusedError, RequestNotSent, ConnectionLost, ConnectionDone):
         return True
-    if isinstance(failure.value, (RequestTransmissionFailed, ResponseNeverReceived)):
+    if isinstance(failure.value, (RequestTransmissionFailed, ResponseNeverReceived, NoResponse)):
         reasons: list[Failure] = failure.value.reasons
         return bool(reasons) and all(_is_lost_connection(r) for r in reasons)
     return False

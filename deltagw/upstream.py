@@ -7,14 +7,26 @@ gateway's CPU per proxied request (bench/, issue 9). A forward needs much
 less: one write of the request head with its buffered body, one parse of the
 response head, and the body passed on as it arrives.
 
-What is kept from Twisted's client, because the proxy's policies (retries,
-breakers, outcome names) rely on it: its failure types
-(``ResponseNeverReceived`` before any response byte, ``ResponseFailed`` after,
-``ParseError`` inside for invalid HTTP), the subset of ``IResponse`` the body
-relays read (``code``, ``phrase``, ``length``, ``deliverBody`` ending in
-``ResponseDone`` or ``PotentialDataLoss``), and a persistent pool that never
-retries by itself. Body framing follows RFC 9112 §6.3; the fields the
-``Connection`` header names are dropped with it (RFC 9110 §7.6.1).
+What the proxy's policies (retries, breakers, outcome names) need is kept
+in the client's own failure types: `NoResponse` before any response byte,
+`ResponseBroken` after, `InvalidResponse` for an answer that is not valid
+HTTP/1.1; the subset of ``IResponse`` the body relays read (``code``,
+``phrase``, ``length``, ``deliverBody`` ending in ``ResponseDone`` or
+``PotentialDataLoss``); and a persistent pool that never retries by itself.
+Body framing follows RFC 9112 §6.3; the fields the ``Connection`` header
+names are dropped with it (RFC 9110 §7.6.1).
+
+The parser is stricter than twisted.web's client, on purpose: a proxy that
+reads an ambiguous answer one way passes on bytes its client may read
+another. Field names are tokens; a value holds no control character but
+HTAB (RFC 9110 §5.5); the status line is ``HTTP/1.1`` or ``HTTP/1.0`` and a
+three-digit code; Content-Length is digits within 2^63-1, repeated only
+with one value (RFC 9110 §8.6); Transfer-Encoding is ``chunked`` alone, as
+nginx also requires of an upstream (any other coding would reach the
+client undeclared once the field is dropped); chunk sizes are 1 to 16 hex
+digits; interim (1xx) answers are bounded in number, and a 101 nobody asked
+for is invalid. Every violation fails the call with `InvalidResponse` and
+drops the connection: nothing of the answer is passed on.
 """
 
 from __future__ import annotations
@@ -28,7 +40,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
 from twisted.web.client import URI, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -42,11 +53,49 @@ Header = tuple[bytes, bytes]
 MAX_HEAD_BYTES = 64 * 1024
 """Largest response head (status line and fields) accepted from an upstream."""
 
+MAX_INTERIM_RESPONSES = 8
+"""Interim (1xx) answers skipped before a request's final one; past this the
+upstream is talking without end, and the answer is invalid."""
+
+MAX_CONTENT_LENGTH = 2**63 - 1
+"""The largest Content-Length taken: what a signed 64-bit length can hold."""
+
+
+class InvalidResponse(Exception):
+    """The upstream's answer is not valid HTTP/1.1 (RFC 9110, RFC 9112)."""
+
+
+class _ConnectionFailure(Exception):
+    """A call's connection failed; ``reasons`` holds why, as Failures."""
+
+    def __init__(self, reasons: list[Failure]) -> None:
+        super().__init__(reasons)
+        self.reasons = reasons
+
+
+class NoResponse(_ConnectionFailure):
+    """The connection ended before any byte of an answer arrived.
+
+    The upstream may never have seen the request: a safe method can be
+    tried again (``deltagw.retry``).
+    """
+
+
+class ResponseBroken(_ConnectionFailure):
+    """The connection failed after the answer had begun."""
+
+
 _MAX_CHUNK_LINE = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
 _WHITESPACE = b" \t"
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
+"""A field name (RFC 9110 §5.1)."""
+_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+"""What no response head may hold: a control character other than HTAB or a
+line ending, or a CR that ends no line (RFC 9110 §5.5, RFC 9112 §2.2)."""
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 NO_BODY_CODES = frozenset({204, 304})
 """Statuses whose responses never have a body (RFC 9110 §15.3.5, §15.4.5)."""
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -109,7 +158,7 @@ class UpstreamResponse:
 
         ``protocol.connectionLost`` gets ``ResponseDone`` after a complete
         body, ``PotentialDataLoss`` when a body without a length ended with
-        the connection, and ``ResponseFailed`` otherwise. Bytes that arrived
+        the connection, and `ResponseBroken` or `InvalidResponse` otherwise. Bytes that arrived
         before are handed over first.
         """
         self._protocol = protocol
@@ -170,15 +219,22 @@ class UpstreamResponse:
 
 
 def _parse_content_length(values: list[bytes]) -> int:
-    """One length from Content-Length field lines; repeats must agree (RFC 9110 §8.6)."""
-    if len(values) == 1 and values[0].isdigit():
-        return int(values[0])
-    lengths = {v.strip() for value in values for v in value.split(b",")}
-    if len(lengths) != 1:
-        raise ParseError("conflicting Content-Length", b", ".join(values))
-    (text,) = lengths
-    if not text.isdigit():
-        raise ParseError("invalid Content-Length", text)
+    """One length from Content-Length field lines; repeats must agree (RFC 9110 §8.6).
+
+    Raises:
+        InvalidResponse: differing values, anything but digits, or a length
+            over `MAX_CONTENT_LENGTH`.
+    """
+    if len(values) == 1 and b"," not in values[0]:
+        text = values[0]
+    else:
+        lengths = {v.strip() for value in values for v in value.split(b",")}
+        if len(lengths) != 1:
+            raise InvalidResponse(f"conflicting Content-Length {b', '.join(values)!r}")
+        (text,) = lengths
+    # bytes.isdigit() is ASCII only; the length check keeps int() cheap.
+    if not text.isdigit() or len(text) > 19 or int(text) > MAX_CONTENT_LENGTH:
+        raise InvalidResponse(f"invalid Content-Length {text[:40]!r}")
     return int(text)
 
 
@@ -194,7 +250,7 @@ def _head_lines(head: bytes) -> list[bytes]:
         line = line.rstrip(b"\r")
         if line[:1] in (b" ", b"\t"):
             if len(lines) < 2:
-                raise ParseError("continuation without a field", line)
+                raise InvalidResponse(f"continuation without a field {line[:80]!r}")
             lines[-1] += b" " + line.strip()
         else:
             lines.append(line)
@@ -210,16 +266,19 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
         the connection may carry another request afterwards.
 
     Raises:
-        ParseError: not an HTTP/1.x status line, or a malformed field.
+        InvalidResponse: not an HTTP/1.1 or HTTP/1.0 status line, a
+            malformed field, or framing that cannot be trusted.
     """
+    if _FORBIDDEN.search(head):
+        raise InvalidResponse(f"control character in the response head {head[:80]!r}")
     lines = _head_lines(head)
     status = lines[0]
     parts = status.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise ParseError("invalid status line", status)
+    if len(parts) < 2 or parts[0] not in _VERSIONS:
+        raise InvalidResponse(f"invalid status line {status[:80]!r}")
     code_text = parts[1]
     if len(code_text) != 3 or not code_text.isdigit():
-        raise ParseError("invalid status code", status)
+        raise InvalidResponse(f"invalid status code {status[:80]!r}")
     code = int(code_text)
     phrase = parts[2] if len(parts) == 3 else b""
     reusable = parts[0] == b"HTTP/1.1"
@@ -230,9 +289,9 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     transfer_encoding: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1] in _WHITESPACE or name[0] in _WHITESPACE:
-            raise ParseError("invalid header line", line)
-        value = value.strip()
+        if not colon or not _TOKEN.match(name):
+            raise InvalidResponse(f"invalid header line {line[:80]!r}")
+        value = value.strip(_WHITESPACE)
         lower = name.lower()
         if lower not in _CONNECTION_CONTROL:
             headers.append((name, value))
@@ -240,7 +299,8 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
             content_length.append(value)
             if method == b"HEAD" or code == 304:
                 # The length of the representation, not of this message's
-                # (absent) body: passed on as it is (RFC 9110 §8.6).
+                # (absent) body: passed on as it is (RFC 9110 §8.6), once
+                # checked below.
                 headers.append((name, value))
         elif lower == b"connection":
             connection.append(value)
@@ -255,21 +315,26 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
         elif b"keep-alive" in named and parts[0] == b"HTTP/1.0":
             reusable = True
 
+    declared = _parse_content_length(content_length) if content_length else -1
+    if transfer_encoding:
+        if parts[0] == b"HTTP/1.0":
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has
+            # faulty framing.
+            raise InvalidResponse("Transfer-Encoding in an HTTP/1.0 response")
+        if b",".join(transfer_encoding).strip(_WHITESPACE).lower() != b"chunked":
+            raise InvalidResponse(f"unsupported Transfer-Encoding {transfer_encoding!r}")
     length = -1
     if method == b"HEAD" or code in NO_BODY_CODES or code < 200:
         framing, length = _BY_LENGTH, 0
     elif transfer_encoding:
-        codings = [t.strip().lower() for v in transfer_encoding for t in v.split(b",")]
-        if codings[-1] == b"chunked":
-            framing = _CHUNKED
-        else:
-            framing, reusable = _UNTIL_CLOSE, False
+        framing = _CHUNKED
         if content_length:
             # Both framings at once (RFC 9112 §6.3 item 3): Transfer-Encoding
-            # wins, and the connection is not trusted with another request.
+            # wins, the Content-Length is not passed on, and the connection
+            # is not trusted with another request.
             reusable = False
     elif content_length:
-        framing, length = _BY_LENGTH, _parse_content_length(content_length)
+        framing, length = _BY_LENGTH, declared
     else:
         framing, reusable = _UNTIL_CLOSE, False
     return code, phrase, headers, framing, length, reusable
@@ -293,6 +358,7 @@ class _Connection(Protocol):
         self._reusable = False
         self._paused = False
         self._chunk_state = 0
+        self._interim = 0
 
     def connectionMade(self) -> None:
         held_writes.adopt(self.transport)
@@ -303,6 +369,7 @@ class _Connection(Protocol):
         self._method = method
         self._buffer = b""
         self._got_bytes = False
+        self._interim = 0
         self._waiting = d = defer.Deferred(self._cancel)
         self.transport.write(head + body if body else head)
         return d
@@ -342,19 +409,23 @@ class _Connection(Protocol):
                 match = _HEAD_END.search(buffer)
                 if match is None:
                     if len(buffer) > MAX_HEAD_BYTES:
-                        self._give_up(ParseError("response head too large", buffer[:80]))
+                        self._give_up(InvalidResponse("response head too large"))
                     return
                 head, rest = buffer[: match.start()], buffer[match.end() :]
             try:
                 code, phrase, headers, framing, length, reusable = _parse_head(
                     head.lstrip(b"\r\n"), self._method
                 )
-            except ParseError as e:
+            except InvalidResponse as e:
                 self._give_up(e)
                 return
             if code < 200:
+                self._interim += 1
                 if code == 101:
-                    self._give_up(ParseError("unexpected protocol switch", head[:80]))
+                    self._give_up(InvalidResponse("protocol switch nobody asked for"))
+                    return
+                if self._interim > MAX_INTERIM_RESPONSES:
+                    self._give_up(InvalidResponse("too many interim responses"))
                     return
                 # An interim response nobody asked for (RFC 9110 §15.2): skip it.
                 self._buffer = rest
@@ -382,7 +453,13 @@ class _Connection(Protocol):
             self._end_body(rest)
         elif rest:
             self._body_data(rest)
-        waiting.callback(response)
+        invalid = response._ended
+        if invalid is not None and invalid.check(InvalidResponse):
+            # Broken framing seen before anything was passed on: the whole
+            # answer is invalid, not just its body.
+            waiting.errback(invalid)
+        else:
+            waiting.callback(response)
 
     def _body_data(self, data: bytes) -> None:
         framing = self._framing
@@ -410,11 +487,11 @@ class _Connection(Protocol):
                 line, found, rest = buffer.partition(b"\n")
                 if not found:
                     if len(buffer) > _MAX_CHUNK_LINE:
-                        self._fail_body(ParseError("chunk size line too long", buffer[:80]))
+                        self._fail_body(InvalidResponse("chunk size line too long"))
                     return
-                size_text = line.rstrip(b"\r").split(b";", 1)[0].strip()
+                size_text = line.rstrip(b"\r").split(b";", 1)[0].rstrip(_WHITESPACE)
                 if not _HEX.match(size_text):
-                    self._fail_body(ParseError("invalid chunk size", line[:80]))
+                    self._fail_body(InvalidResponse(f"invalid chunk size {line[:80]!r}"))
                     return
                 size = int(size_text, 16)
                 self._buffer = rest
@@ -436,14 +513,14 @@ class _Connection(Protocol):
                 elif buffer in (b"", b"\r"):
                     return
                 else:
-                    self._fail_body(ParseError("chunk not followed by CRLF", buffer[:80]))
+                    self._fail_body(InvalidResponse("chunk not followed by CRLF"))
                     return
                 self._chunk_state = 0
             else:  # trailer section, ended by an empty line
                 line, found, rest = buffer.partition(b"\n")
                 if not found:
                     if len(buffer) > MAX_HEAD_BYTES:
-                        self._fail_body(ParseError("trailer section too large", buffer[:80]))
+                        self._fail_body(InvalidResponse("trailer section too large"))
                     return
                 self._buffer = rest
                 if not line.rstrip(b"\r"):
@@ -473,7 +550,7 @@ class _Connection(Protocol):
         self.transport.abortConnection()
         response, self._response = self._response, None
         if response is not None:
-            response._end(Failure(ResponseFailed([Failure(error)])))
+            response._end(Failure(error))
 
     def pause(self) -> None:
         """Stop reading the body for now (its reader is slower than the upstream)."""
@@ -499,7 +576,7 @@ class _Connection(Protocol):
         waiting, self._waiting = self._waiting, None
         self.transport.abortConnection()
         if waiting is not None:
-            waiting.errback(ResponseFailed([Failure(error)]))
+            waiting.errback(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._pool.discard(self)
@@ -507,13 +584,13 @@ class _Connection(Protocol):
         waiting, self._waiting = self._waiting, None
         response, self._response = self._response, None
         if waiting is not None:
-            wrapper = ResponseFailed if self._got_bytes else ResponseNeverReceived
+            wrapper = ResponseBroken if self._got_bytes else NoResponse
             waiting.errback(wrapper([reason]))
         elif response is not None:
             if self._framing == _UNTIL_CLOSE and reason.check(ConnectionDone):
                 response._end(Failure(PotentialDataLoss()))
             else:
-                response._end(Failure(ResponseFailed([reason])))
+                response._end(Failure(ResponseBroken([reason])))
         self._pool.closed(self)
 
 
@@ -589,11 +666,11 @@ class ConnectionPool:
             body: The whole request body, or None for none.
 
         Returns:
-            A Deferred that fires with an `UpstreamResponse` and fails like
-            twisted.web's client: the endpoint's error when connecting fails,
-            ``ResponseNeverReceived`` when the connection ends before any
-            response byte, ``ResponseFailed`` (with ``ParseError`` for invalid
-            HTTP) after one. Cancelling it closes the connection.
+            A Deferred that fires with an `UpstreamResponse`, or fails with
+            the endpoint's error when connecting fails, `NoResponse` when the
+            connection ends before any response byte, `ResponseBroken` when
+            it ends after one, and `InvalidResponse` for an answer that is
+            not valid HTTP/1.1. Cancelling it closes the connection.
         """
         start = url.index(b"://") + 3
         slash = url.find(b"/", start)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import globalLogPublisher
 
 from deltagw.logs import configure_structlog
 from tests.support import RecordingUpstream, RunningGateway, listen
@@ -52,3 +54,18 @@ async def gateway(make_gateway: Callable[..., Any], upstream: RecordingUpstream)
         STORAGE_SERVICE_URL=upstream.url,
         ANALYTICS_SERVICE_URL=upstream.url,
     )
+
+
+@pytest_twisted.async_yield_fixture
+async def access_log():
+    """The access log events written while the test runs."""
+    events: list[dict] = []
+
+    def collect(event):
+        message = event.get("message")
+        if event.get("_structlog") and "outgoing_response" in str(message):
+            events.append(json.loads(str(message[0])))
+
+    globalLogPublisher.addObserver(collect)
+    yield events
+    globalLogPublisher.removeObserver(collect)

@@ -9,25 +9,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
 from tests.support import RawUpstream, RecordingUpstream, closed_port_url, listen, wait_until
-
-
-@pytest_twisted.async_yield_fixture
-async def access_log():
-    """The access log events written while the test runs."""
-    events: list[dict] = []
-
-    def collect(event):
-        message = event.get("message")
-        if event.get("_structlog") and "outgoing_response" in str(message):
-            events.append(json.loads(str(message[0])))
-
-    globalLogPublisher.addObserver(collect)
-    yield events
-    globalLogPublisher.removeObserver(collect)
 
 
 async def _outcome_of(access_log, gateway, path, **kwargs):

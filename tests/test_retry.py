@@ -8,8 +8,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import (
-    ConnectionAborted as ClientConnectionAborted,
+from twisted.web._newclient import ConnectionAborted as ClientConnectionAborted
+from twisted.web.client import (
     HTTP11ClientProtocol,
     Request,
     RequestGenerationFailed,

@@ -26,14 +26,21 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
 from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from deltagw.proxy import _UpstreamEndpoints, failure_reason
 from deltagw.retry import is_connection_failure
-from deltagw.upstream import MAX_HEAD_BYTES, ConnectionPool, UpstreamResponse
+from deltagw.upstream import (
+    MAX_HEAD_BYTES,
+    MAX_INTERIM_RESPONSES,
+    ConnectionPool,
+    InvalidResponse,
+    NoResponse,
+    ResponseBroken,
+    UpstreamResponse,
+)
 from tests.support import RawUpstream, RecordingUpstream, listen, wait_until
 
 URL = b"http://api.local/items"
@@ -194,10 +201,9 @@ def _failure_of(d: defer.Deferred[Any]) -> Failure:
 
 
 def _assert_parse_error(failure: Failure | None) -> None:
-    """``failure`` is a ResponseFailed holding a ParseError, as twisted.web's client fails."""
+    """``failure`` is the client's InvalidResponse, named an invalid answer."""
     assert failure is not None
-    assert failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived)
-    assert any(reason.check(ParseError) for reason in failure.value.reasons)
+    assert failure.check(InvalidResponse)
     assert failure_reason(failure) == "invalid_response"
 
 
@@ -374,10 +380,30 @@ def test_http_1_0_keep_alive_connection_is_pooled(net):
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", id="negative-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0x10\r\n\r\n", id="hex-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n", id="empty-length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                     id="length-overflow"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\n",
+                     id="length-2-to-the-63"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", id="signed-length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: \xd9\xa2\r\n\r\nok",
+                     id="non-ascii-digit-length"),
+        pytest.param(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1x\r\n\r\n",
+                     id="invalid-length-on-304"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\n\r\n", id="nul-in-value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\n\r\n", id="bare-cr-in-value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x0bb\r\n\r\n", id="vertical-tab-in-value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\n\r\n", id="del-in-value"),
+        pytest.param(b"HTTP/1.1 200 O\x01K\r\n\r\n", id="control-in-phrase"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", id="space-in-name"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX(A): x\r\n\r\n", id="separator-in-name"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-\xc3\xa9: x\r\n\r\n", id="non-ascii-name"),
+        pytest.param(b"http/1.1 200 OK\r\n\r\n", id="lowercase-version"),
+        pytest.param(b"HTTP/1.2 200 OK\r\n\r\n", id="http-1-2"),
+        pytest.param(b"HTTP/1.1  200 OK\r\n\r\n", id="two-spaces"),
     ],
 )
 def test_invalid_head_fails_with_parse_error_and_aborts(net, head):
-    """An invalid status line or field fails the call with ResponseFailed(ParseError) and aborts."""
+    """An invalid status line or field fails the call with InvalidResponse and aborts."""
     d = net.request()
     net.reply(head)
     _assert_parse_error(_failure_of(d))
@@ -417,6 +443,18 @@ def test_obs_fold_is_joined_with_a_space(net):
         b"HTTP/1.1 200 OK\r\nX-Long: a\r\n   b\r\n\tc\r\nX-Next: d\r\nContent-Length: 0\r\n\r\n"
     )
     assert response.headers == [(b"X-Long", b"a b c"), (b"X-Next", b"d")]
+
+
+def test_too_many_interim_responses_are_invalid(net):
+    """An upstream that keeps sending interim answers is cut off after
+    MAX_INTERIM_RESPONSES of them; up to that, the final answer is read."""
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    _, reader = net.exchange(interim * MAX_INTERIM_RESPONSES + OK)
+    assert reader.body == b"ok"
+    d = net.request()
+    net.reply(interim * (MAX_INTERIM_RESPONSES + 1) + OK)
+    _assert_parse_error(_failure_of(d))
+    assert net.transport.aborted
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-read", "two-reads"])
@@ -526,7 +564,7 @@ def test_chunked_body_with_bare_lf_is_decoded(net):
     ],
 )
 def test_invalid_chunked_body_fails_the_body_and_aborts(net, body):
-    """Invalid chunk framing ends the body with ResponseFailed(ParseError) and aborts."""
+    """Invalid chunk framing ends the body with InvalidResponse and aborts."""
     d = net.request()
     net.reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
     reader = _read(_result_of(d))
@@ -580,13 +618,13 @@ def test_body_without_length_is_read_until_close(net):
 
 
 def test_body_without_length_cut_by_reset_fails(net):
-    """A body without length ended by a reset (not a clean close) is a ResponseFailed."""
+    """A body without length ended by a reset (not a clean close) is a ResponseBroken."""
     d = net.request()
     net.reply(b"HTTP/1.1 200 OK\r\n\r\npartial")
     reader = _read(_result_of(d))
     net.lose(ConnectionLost)
     assert reader.body == b"partial"
-    assert reader.reason.check(ResponseFailed)
+    assert reader.reason.check(ResponseBroken)
     assert reader.reason.value.reasons[0].check(ConnectionLost)
 
 
@@ -633,15 +671,31 @@ def test_transfer_encoding_wins_over_content_length_and_connection_is_dropped(ne
     assert net.pool.idle_count == 0
 
 
-def test_non_chunked_transfer_encoding_is_read_until_close(net):
-    """A transfer coding other than chunked last is read until the connection closes."""
+@pytest.mark.parametrize(
+    "value",
+    [b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"xchunked", b"chunked, chunked"],
+)
+def test_transfer_encoding_other_than_chunked_alone_is_invalid(net, value):
+    """Any coding but ``chunked`` alone is refused: with the field dropped, the coded
+    body would reach the client undeclared (nginx refuses it too)."""
     d = net.request()
-    net.reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b")
-    response = _result_of(d)
-    reader = _read(response)
-    net.lose(ConnectionDone)
-    assert response.length is UNKNOWN_LENGTH
-    assert reader.body == b"\x1f\x8b" and reader.reason.check(PotentialDataLoss)
+    net.reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + value + b"\r\n\r\n\x1f\x8b")
+    _assert_parse_error(_failure_of(d))
+    assert net.transport.aborted
+
+
+def test_transfer_encoding_on_two_lines_is_one_list(net):
+    """``chunked`` then ``gzip`` on two field lines is the list ``chunked, gzip``: refused."""
+    d = net.request()
+    net.reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n")
+    _assert_parse_error(_failure_of(d))
+
+
+def test_transfer_encoding_in_http_1_0_response_is_invalid(net):
+    """An HTTP/1.0 answer with Transfer-Encoding has faulty framing (RFC 9112 §6.1)."""
+    d = net.request()
+    net.reply(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(b"ok"))
+    _assert_parse_error(_failure_of(d))
 
 
 @pytest.mark.parametrize(
@@ -780,7 +834,7 @@ def test_body_received_then_reset_before_deliver_body_is_reported(net):
     net.lose(ConnectionLost)
     reader = _read(response)
     assert reader.body == b"part"
-    assert reader.reason.check(ResponseFailed)
+    assert reader.reason.check(ResponseBroken)
     assert reader.reason.value.reasons[0].check(ConnectionLost)
 
 
@@ -805,7 +859,7 @@ def test_stop_producing_aborts_the_connection(net):
     net.reply(b"defghij")
     assert reader.body == b"abc"
     net.lose(ConnectionAborted)
-    assert reader.reason.check(ResponseFailed)
+    assert reader.reason.check(ResponseBroken)
     assert net.pool.idle_count == 0
 
 
@@ -852,33 +906,33 @@ def test_stop_producing_on_the_last_bytes_keeps_connection_out_of_pool(net):
 
 @pytest.mark.parametrize("error", [ConnectionDone, ConnectionLost])
 def test_connection_lost_before_any_byte_is_response_never_received(net, error):
-    """A connection ending before any response byte fails as ResponseNeverReceived, retryable."""
+    """A connection ending before any response byte fails as NoResponse, retryable."""
     d = net.request()
     net.lose(error)
     failure = _failure_of(d)
-    assert failure.check(ResponseNeverReceived)
+    assert failure.check(NoResponse)
     assert failure.value.reasons[0].check(error)
     assert is_connection_failure(failure)
     assert failure_reason(failure) == "reset"
 
 
 def test_connection_lost_after_some_bytes_is_response_failed(net):
-    """A connection ending inside the response head fails as ResponseFailed, not retryable."""
+    """A connection ending inside the response head fails as ResponseBroken, not retryable."""
     d = net.request()
     net.reply(b"HTTP/1.1 2")
     net.lose(ConnectionDone)
     failure = _failure_of(d)
-    assert failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived)
+    assert failure.check(ResponseBroken) and not failure.check(NoResponse)
     assert not is_connection_failure(failure)
 
 
 def test_connection_lost_mid_body_fails_the_body(net):
-    """A connection ending before the announced length is a ResponseFailed for the body."""
+    """A connection ending before the announced length is a ResponseBroken for the body."""
     reader = _reading(net)
     net.reply(b"abc")
     net.lose(ConnectionDone)
     assert reader.body == b"abc"
-    assert reader.reason.check(ResponseFailed)
+    assert reader.reason.check(ResponseBroken)
     assert net.pool.idle_count == 0
 
 
@@ -1130,10 +1184,10 @@ async def test_real_server_closing_after_unframed_body_is_potential_data_loss(re
 
 @pytest_twisted.ensureDeferred
 async def test_real_server_reset_before_answer_is_retryable(real_pool, serve):
-    """A server resetting the connection before answering fails the call as ResponseNeverReceived."""
+    """A server resetting the connection before answering fails the call as NoResponse."""
     upstream = RawUpstream(lambda transport, _: transport.abortConnection())
     url = serve(upstream).encode()
-    with pytest.raises(ResponseNeverReceived) as caught:
+    with pytest.raises(NoResponse) as caught:
         await real_pool.request(b"GET", url + b"/", None, None)
     assert is_connection_failure(Failure(caught.value))
     await wait_until(lambda: upstream.open == 0)
