@@ -1,7 +1,8 @@
 """The edge: what every request passes before routing (DESIGN §4).
 
-Request id, CORS, client address and the checks that must hold before any
-route code runs: a URL the gateway can read and a body within the limit.
+Request id, CORS, client address and the check that must hold before any
+route code runs: a URL the gateway can read. (The body limit and the
+framing are checked earlier, by ``deltagw.request_framing``.)
 Rejections here are JSON like every other gateway answer.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 
 from deltagw.cors import CorsPolicy
-from deltagw.errors import BadRequest, GatewayError, PayloadTooLarge, write_error
+from deltagw.errors import BadRequest, GatewayError, write_error
 from deltagw.headers import client_address, request_id, trace_context
 from deltagw.logs import get_logger
 from deltagw.site import GatewayRequest
@@ -97,8 +98,6 @@ class EdgeResource(Resource):
         self._cors.apply(request)
         try:
             check_target(request.uri)
-            if request.body_too_large:
-                raise PayloadTooLarge()
         except GatewayError as e:
             request.outcome = e.outcome
             return write_error(request, e)

@@ -14,6 +14,31 @@ from twisted.web.iweb import IRequest
 
 from deltagw.routes import Service
 
+_PHRASES = {
+    **RESPONSES,
+    # RFC 9110 §15 names some differently from twisted.web's table.
+    205: b"Reset Content",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    416: b"Range Not Satisfiable",
+    421: b"Misdirected Request",
+    422: b"Unprocessable Content",
+    426: b"Upgrade Required",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+    # RFC 6585, which twisted.web's table lacks.
+    428: b"Precondition Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (RFC 9110 §15, RFC 6585)."""
+    return _PHRASES.get(status, b"Error")
+
+
 RETRY_AFTER_SECONDS = 5
 """How long a client should wait after a 503 that has no better estimate."""
 
@@ -165,7 +190,7 @@ def problem_document(status: int, message: str, instance: str | None) -> dict[st
     document: dict[str, object] = {
         "error": message,
         "type": "about:blank",
-        "title": RESPONSES.get(status, b"Error").decode("ascii"),
+        "title": reason_phrase(status).decode("ascii"),
         "status": status,
         "detail": message,
     }
@@ -181,7 +206,7 @@ def wants_problem_json(accept: bytes | None) -> bool:
 
 def write_error(request: IRequest, error: GatewayError) -> bytes:
     """Set the status and headers of ``error`` on ``request``; return its body."""
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, reason_phrase(error.status))
     for name, value in error.headers:
         request.setHeader(name, value)
     request_id = getattr(request, "request_id", b"").decode("ascii") or None

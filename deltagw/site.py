@@ -1,8 +1,8 @@
-"""The HTTP front door: per-request state, the body limit and the access log.
+"""The HTTP front door: the client connection, per-request state and the access log.
 
-twisted.web buffers a request body before any resource sees it, so the size
-limit has to live in the request object: past MAX_BODY_BYTES the bytes are
-counted and dropped, never stored, and the edge answers 413.
+twisted.web buffers a request body before any resource sees it; the body
+limit (MAX_BODY_BYTES) is enforced before that, by `deltagw.request_framing`,
+so a body that reaches a request is one the gateway accepts.
 """
 
 from __future__ import annotations
@@ -13,30 +13,20 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web import http, server
 
-from deltagw.errors import BadRequest, json_body, problem_document, upstream_outcome
+from deltagw.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    json_body,
+    problem_document,
+    reason_phrase,
+    upstream_outcome,
+)
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
-from deltagw.speedups import held_writes
+from deltagw.request_framing import RequestFramer, RequestRejected
+from deltagw.speedups import channel_clock, held_writes
 
 _access_log = get_logger(component="access")
-
-class _CappedBody(io.BytesIO):
-    """A request body buffer that stops storing past its limit."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.received = 0
-
-    @property
-    def too_large(self) -> bool:
-        return self.received > self.limit
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self.received += len(data)
-        if self.received > self.limit:
-            return len(data)
-        return super().write(data)
 
 
 class GatewayRequest(server.Request):
@@ -62,11 +52,8 @@ class GatewayRequest(server.Request):
         self.log_fields: dict[str, Any] = {}
 
     def gotLength(self, length: int | None) -> None:
-        self.content = _CappedBody(self.channel.site.settings.max_body_bytes)
-
-    @property
-    def body_too_large(self) -> bool:
-        return self.content.too_large
+        # In memory: the framer has bounded it by MAX_BODY_BYTES already.
+        self.content = io.BytesIO()
 
     def note_upstream(self, service: str, started: float, failure: str | None) -> None:
         """Record an upstream call for the access log."""
@@ -91,42 +78,42 @@ class GatewayRequest(server.Request):
         super().connectionLost(reason)
 
 
-def _raw_error(status: int, phrase: bytes, message: str) -> bytes:
+def _raw_error(status: int, message: str) -> bytes:
     """A whole JSON error response, for answers made before any request exists."""
     body = json_body(problem_document(status, message, None))
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (status, reason_phrase(status), len(body), body)
     )
 
 
-_MALFORMED_RESPONSE = _raw_error(400, b"Bad Request", "Malformed HTTP request")
-_TIMEOUT_RESPONSE = _raw_error(408, b"Request Timeout", "Request not received in time")
+_TIMEOUT_RESPONSE = _raw_error(408, "Request not received in time")
 
 
 class GatewayChannel(http.HTTPChannel):
-    """An HTTP channel whose answer to unparsable requests is JSON too.
+    """An HTTP channel that reads requests strictly and answers refusals in JSON.
 
-    twisted.web rejects a malformed request line or header block before any
-    resource runs, with a bare 400; this keeps that one answer in the
-    gateway's error shape. (The hook is private to twisted.web; it is the
-    only place the rejection happens.)
+    Every byte a client sends passes `deltagw.request_framing` before
+    twisted.web's parser sees it; a refused request is answered once the
+    requests before it have been, and the connection is then closed. The
+    whole request must arrive within CLIENT_TIMEOUT: twisted.web's idle
+    timeout restarts on every byte, so a client trickling a request (slow
+    loris) would otherwise hold its connection for ever.
     """
 
     _closed = False
     _host: Any = None
     _secure: bool | None = None
-    _request_due: float | None = None
-    """When the request being received must be complete (CLIENT_TIMEOUT)."""
-    _idle_due: float | None = None
-    """When the connection, idle, is closed (twisted.web's ``timeOut``)."""
-    _clock_call: Any = None
-    """The one reactor call that looks at both."""
+    _answering = False
+    """Whether twisted.web holds a complete request not yet answered."""
+    _request_clock: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         held_writes.adopt(self.transport)
         self._close_waiters: list[defer.Deferred[None]] = []
+        self._framer = RequestFramer(self.site.settings.max_body_bytes)
 
     def getHost(self) -> Any:
         # twisted.web asks for every request (Request.__init__), and each
@@ -156,69 +143,59 @@ class GatewayChannel(http.HTTPChannel):
         return d
 
     def dataReceived(self, data: bytes) -> None:
-        # twisted.web's idle timeout restarts on every byte, so a client
-        # trickling a request (slow loris) would hold its connection for
-        # ever; the whole request must arrive within CLIENT_TIMEOUT.
-        if self._request_due is None and not self._handlingRequest:
-            self._request_due = self._due_in(self.site.settings.client_timeout)
-        super().dataReceived(data)
+        framer = self._framer
+        if framer.rejected is not None:
+            return  # refused: what follows cannot be framed
+        valid = framer.feed(data)
+        if not self._answering and (valid or framer.receiving):
+            self.start_request_clock()
+        if valid:
+            super().dataReceived(valid)
+        else:
+            self.resetTimeout()  # bytes came, though none is complete yet
+        if framer.rejected is not None and not self._answering:
+            self._refuse(framer.rejected)
 
     def allContentReceived(self) -> None:
-        self._request_due = None
+        self.stop_request_clock()
+        self._answering = True
         super().allContentReceived()
 
+    def requestDone(self, request: Any) -> None:
+        self._answering = False
+        super().requestDone(request)  # may start a pipelined request
+        framer = self._framer
+        if self._answering or self._closed:
+            return
+        if framer.rejected is not None:
+            self._refuse(framer.rejected)
+        elif framer.receiving:
+            self.start_request_clock()
+
     def connectionLost(self, reason: Any) -> None:
-        self._request_due = None
+        self.stop_request_clock()
         super().connectionLost(reason)
-        if self._clock_call is not None and self._clock_call.active():
-            self._clock_call.cancel()
-        self._clock_call = None
         self._closed = True
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
 
-    def setTimeout(self, period: float | None) -> float | None:
-        # TimeoutMixin cancels its reactor call when the timeout is turned
-        # off and makes a new one when it is turned on, and twisted.web does
-        # both for every request; here the due time is a number, and one
-        # reactor call per connection checks it (bench/, issue 9).
-        previous, self.timeOut = self.timeOut, period
-        self._idle_due = None if period is None else self._due_in(period)
-        return previous
+    def start_request_clock(self) -> None:
+        """The request being received must be complete within CLIENT_TIMEOUT."""
+        if self._request_clock is None:
+            self._request_clock = self.callLater(
+                self.site.settings.client_timeout, self.request_too_slow
+            )
 
-    def resetTimeout(self) -> None:
-        if self._idle_due is not None and self.timeOut is not None:
-            self._idle_due = self.site.reactor.seconds() + self.timeOut
+    def stop_request_clock(self) -> None:
+        """The request has arrived (or the connection is gone)."""
+        clock, self._request_clock = self._request_clock, None
+        if clock is not None and clock.active():
+            clock.cancel()
 
-    def _due_in(self, seconds: float) -> float:
-        """The time ``seconds`` from now, with the clock call due by then."""
-        due = self.site.reactor.seconds() + seconds
-        call = self._clock_call
-        if call is not None:
-            if due < call.getTime():
-                call.reset(seconds)
-        elif not self._closed:
-            self._clock_call = self.callLater(seconds, self._clock_struck)
-        return due
-
-    def _clock_struck(self) -> None:
-        self._clock_call = None
-        now = self.site.reactor.seconds()
-        if self._request_due is not None and now >= self._request_due:
-            self._request_due = None
-            self._request_too_slow()
-        elif self._idle_due is not None and now >= self._idle_due:
-            self._idle_due = None
-            self.timeoutConnection()
-        else:
-            pending = [due for due in (self._request_due, self._idle_due) if due is not None]
-            if pending:
-                # At least a millisecond: a call can come a rounding error early.
-                wait = max(min(pending) - now, 0.001)
-                self._clock_call = self.callLater(wait, self._clock_struck)
-
-    def _request_too_slow(self) -> None:
+    def request_too_slow(self) -> None:
+        """Answer 408 to a request not received within CLIENT_TIMEOUT, and close."""
+        self._request_clock = None
         _access_log.msg(
             "request_timeout",
             client=getattr(self.transport.getPeer(), "host", "-"),
@@ -227,11 +204,28 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.write(_TIMEOUT_RESPONSE)
         self.loseConnection()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        _access_log.msg("malformed_request", client=getattr(self.transport.getPeer(), "host", "-"),
-                        outcome=BadRequest.outcome)
-        self.transport.write(_MALFORMED_RESPONSE)
+    def _refuse(self, rejected: RequestRejected) -> None:
+        """Answer a request the framer refused, and close the connection."""
+        self.stop_request_clock()
+        _access_log.msg(
+            "malformed_request",
+            client=getattr(self.transport.getPeer(), "host", "-"),
+            status_code=rejected.status,
+            error=rejected.message,
+            outcome=_REFUSAL_OUTCOMES.get(rejected.status, BadRequest.outcome),
+        )
+        self.transport.write(_raw_error(rejected.status, rejected.message))
         self.loseConnection()
+
+
+_REFUSAL_OUTCOMES = {413: PayloadTooLarge.outcome, 414: "uri_too_long",
+                     431: "headers_too_large", 501: "not_implemented",
+                     505: "version_not_supported"}
+"""The access log outcome of a refused request, by status (else bad_request)."""
+
+
+class _OneClockChannel(channel_clock.OneReactorCall, GatewayChannel):
+    """`GatewayChannel` whose two clocks share one reactor call (SPEEDUPS)."""
 
 
 class GatewaySite(server.Site):
@@ -247,6 +241,8 @@ class GatewaySite(server.Site):
         self.settings = settings
         self.reactor = reactor
         self.metrics = metrics
+        if settings.speedups:
+            self.protocol = _OneClockChannel
 
     def log(  # type: ignore[override]
         self, request: GatewayRequest, status: int | None = None

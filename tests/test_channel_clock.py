@@ -1,12 +1,13 @@
 """The client connection's two clocks: the request deadline and the idle timeout.
 
-Both are kept as due times checked by one reactor call per connection, not
-as a reactor call made and cancelled for every request (bench/, issue 9);
-these tests drive that call with a Clock.
+Both behave the same with stock Twisted (SPEEDUPS=0: a reactor call for
+each) and with the speedup that keeps them as due times checked by one
+reactor call per connection; these tests drive them with a Clock.
 """
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
@@ -25,9 +26,10 @@ class _Ok(Resource):
         return b"ok"
 
 
-def _connection(timeout: float = 10.0, resource: Resource | None = None):
+def _connection(timeout: float = 10.0, resource: Resource | None = None, speedups: str = "1"):
     clock = Clock()
-    site = GatewaySite(resource or _Ok(), load_settings({"CLIENT_TIMEOUT": str(timeout)}), clock)
+    settings = load_settings({"CLIENT_TIMEOUT": str(timeout), "SPEEDUPS": speedups})
+    site = GatewaySite(resource or _Ok(), settings, clock)
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -42,15 +44,20 @@ def _closes_when_idle_for(seconds: float, clock: Clock, transport: StringTranspo
     assert transport.disconnecting
 
 
-def test_an_idle_connection_is_closed_after_the_timeout():
+both_modes = pytest.mark.parametrize("speedups", ["1", "0"], ids=["speedups", "stock"])
+
+
+@both_modes
+def test_an_idle_connection_is_closed_after_the_timeout(speedups):
     """No request at all: closed once CLIENT_TIMEOUT has passed, not before."""
-    clock, _, transport = _connection(10)
+    clock, _, transport = _connection(10, speedups=speedups)
     _closes_when_idle_for(10, clock, transport)
 
 
-def test_a_request_trickled_past_the_timeout_gets_408():
+@both_modes
+def test_a_request_trickled_past_the_timeout_gets_408(speedups):
     """Bytes keep arriving, but the request is not whole within CLIENT_TIMEOUT."""
-    clock, channel, transport = _connection(10)
+    clock, channel, transport = _connection(10, speedups=speedups)
     for byte in REQUEST[:-2]:
         channel.dataReceived(bytes([byte]))
         clock.advance(0.5)
@@ -58,9 +65,10 @@ def test_a_request_trickled_past_the_timeout_gets_408():
     assert transport.disconnecting
 
 
-def test_answering_takes_as_long_as_it_takes():
+@both_modes
+def test_answering_takes_as_long_as_it_takes(speedups):
     """A request being answered is never timed out; the idle clock restarts after it."""
-    clock, channel, transport = _connection(10, resource=_Never())
+    clock, channel, transport = _connection(10, resource=_Never(), speedups=speedups)
     channel.dataReceived(REQUEST)
     clock.advance(100)
     assert not transport.disconnecting and transport.value() == b""
@@ -69,8 +77,19 @@ def test_answering_takes_as_long_as_it_takes():
     _closes_when_idle_for(10, clock, transport)
 
 
+@both_modes
+def test_keep_alive_requests_are_answered_and_the_connection_kept(speedups):
+    """A thousand keep-alive requests are answered, and the connection stays open."""
+    clock, channel, transport = _connection(10, speedups=speedups)
+    for _ in range(1000):
+        channel.dataReceived(REQUEST)
+        clock.advance(0.1)
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 1000
+    assert not transport.disconnecting
+
+
 def test_requests_on_a_connection_keep_one_reactor_call():
-    """A thousand keep-alive requests leave one pending call, and the connection open."""
+    """With the speedup, a thousand keep-alive requests leave one pending call."""
     clock, channel, transport = _connection(10)
     for _ in range(1000):
         channel.dataReceived(REQUEST)
@@ -80,13 +99,22 @@ def test_requests_on_a_connection_keep_one_reactor_call():
     assert not transport.disconnecting
 
 
-def test_a_closed_connection_leaves_no_call_behind():
-    """Closing cancels the connection's reactor call."""
+@both_modes
+def test_a_closed_connection_leaves_no_call_behind(speedups):
+    """Closing cancels the connection's reactor calls, mid-request too."""
+    clock, channel, transport = _connection(10, speedups=speedups)
+    channel.dataReceived(REQUEST + REQUEST[:5])
+    channel.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_closed_connection_makes_no_new_call():
+    """With the speedup, twisted.web turning the idle timeout on after the
+    connection is gone (as it does when a request ends) makes no call."""
     clock, channel, transport = _connection(10)
     channel.dataReceived(REQUEST)
     channel.connectionLost(None)
-    assert clock.getDelayedCalls() == []
-    channel.setTimeout(10)  # what twisted.web does when a request ends
+    channel.setTimeout(10)
     assert clock.getDelayedCalls() == []
 
 

@@ -17,7 +17,8 @@ import pytest_twisted
 from twisted.internet import epollreactor, protocol, reactor, tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from deltagw.speedups import held_writes, turn_taking
+from deltagw.site import GatewayChannel
+from deltagw.speedups import channel_clock, held_writes, turn_taking
 from deltagw.speedups.busy_poll import BusyPoll
 from tests.support import RecordingUpstream
 
@@ -189,6 +190,52 @@ def test_turn_taking_port_stays_at_one_accept(adopted_port) -> None:
 
 
 # ---------------------------------------------------------------------------
+# channel_clock: how HTTPChannel drives TimeoutMixin
+
+
+def test_channel_clock_hooks_are_the_ones_http_channel_calls() -> None:
+    """channel_clock replaces TimeoutMixin's setTimeout/resetTimeout and ends an
+    idle connection with timeoutConnection: HTTPChannel must still use those."""
+    import inspect
+
+    from twisted.protocols.policies import TimeoutMixin
+    from twisted.web.http import HTTPChannel
+
+    source = inspect.getsource(HTTPChannel)
+    for name in ("setTimeout", "resetTimeout"):
+        assert f"self.{name}(" in source, (
+            f"twisted.web.http.HTTPChannel no longer calls {name}: "
+            "deltagw/speedups/channel_clock.py relies on it"
+        )
+    assert issubclass(HTTPChannel, TimeoutMixin), (
+        "HTTPChannel is no longer a TimeoutMixin: deltagw/speedups/channel_clock.py relies on it"
+    )
+    assert callable(getattr(HTTPChannel, "timeoutConnection", None)), (
+        "HTTPChannel.timeoutConnection is gone: deltagw/speedups/channel_clock.py calls it"
+    )
+
+
+def test_channel_clock_leaves_no_timeout_mixin_call() -> None:
+    """With the speedup, TimeoutMixin's own reactor call is never made: stock
+    HTTPChannel touches it only through setTimeout/resetTimeout."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from deltagw.config import load_settings
+    from deltagw.site import GatewaySite
+
+    clock = Clock()
+    site = GatewaySite(None, load_settings({"SPEEDUPS": "1", "CLIENT_TIMEOUT": "10"}), clock)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    assert len(clock.getDelayedCalls()) == 1, (
+        "HTTPChannel made a reactor call of its own: deltagw/speedups/channel_clock.py "
+        "expects its one call per connection to be the only one"
+    )
+    assert getattr(channel, "_TimeoutMixin__timeoutCall", None) is None
+
+
+# ---------------------------------------------------------------------------
 # SPEEDUPS=0 installs none of them
 
 
@@ -217,9 +264,11 @@ async def test_speedups_are_installed_only_when_asked(
                  if isinstance(s, (BusyPoll, held_writes.HeldWrites))]
     if speedups == "0":
         assert kinds == {tcp.Server, tcp.Client}, kinds
+        assert gateway.service.site.protocol is GatewayChannel
         assert installed == [] and gateway.service.busy_poll is None
         assert not held_writes.installed() and held_writes._before_sleeping is None
     else:
         assert kinds == {held_writes._HoldingServer, held_writes._HoldingClient}, kinds
+        assert issubclass(gateway.service.site.protocol, channel_clock.OneReactorCall)
         assert sorted(installed) == ["BusyPoll", "HeldWrites"]
         assert held_writes.installed() and held_writes._before_sleeping is not None
