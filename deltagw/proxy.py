@@ -42,6 +42,7 @@ from twisted.web.client import (
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -444,9 +445,19 @@ class Proxy:
         self, request: Any, service: Service, response: UpstreamResponse, timeout: float,
         started: float,
     ) -> None:
-        """Write the upstream's status, headers and body to the client."""
+        """Write the upstream's status, headers and body to the client.
+
+        Raises:
+            UpstreamUnavailable: the body failed before a byte of the answer
+                was written (twisted.web writes the head with the first body
+                bytes), so the client can still get a clean 503.
+        """
         if response.code >= 400:
             request.outcome = "upstream_error"
+        body = response.complete_body()
+        # Off the common path (a small answer that came whole): the fields
+        # the gateway set itself, to answer with if the body fails.
+        ours = None if body is not None else Headers(dict(request.responseHeaders.getAllRawHeaders()))
         request.setResponseCode(response.code, response.phrase or None)
         copy_response_headers(response.headers, request.responseHeaders)
         if (
@@ -457,7 +468,6 @@ class Proxy:
             # The framing of this body; a HEAD or 304 answer keeps the
             # upstream's Content-Length, and a 204 has none.
             request.setHeader(b"Content-Length", b"%d" % response.length)
-        body = response.complete_body()
         if body is not None:
             # The usual small answer came whole with its head: no relay,
             # timer or producer is needed to pass it on.
@@ -469,6 +479,9 @@ class Proxy:
             await relay.done
         except BodyInterrupted as e:
             request.note_upstream(service.name, started, f"body_{e.reason}")
+            if not request.startedWriting:
+                request.responseHeaders = ours
+                raise UpstreamUnavailable(service, f"body_{e.reason}") from None
             await _abort(request)
 
 

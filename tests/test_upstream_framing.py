@@ -165,3 +165,26 @@ async def test_what_the_gateway_sends_upstream_parses_with_h11(make_gateway, met
         assert sent_body == (body or b"")
     finally:
         await listening.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_failing_before_its_first_byte_is_a_clean_503(make_gateway):
+    """An answer whose connection closes after the head, before any body byte,
+    is still a 503 the client can read: twisted.web has written nothing yet,
+    and none of the upstream's fields is kept."""
+
+    def head_then_close(transport, _):
+        transport.write(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n")
+        transport.loseConnection()
+
+    raw = RawUpstream(head_then_close)
+    listening = listen(raw)
+    try:
+        gateway = await make_gateway(STORAGE_SERVICE_URL=listening.url, STORAGE_TIMEOUT="2")
+        response = await gateway.get("/api/data/underlying/NIFTY")
+        body = json.loads(await response.content())
+        assert response.code == 503 and body["error"] == "Storage service unavailable"
+        assert response.headers.getRawHeaders(b"x-a") is None
+        assert response.headers.getRawHeaders(b"x-request-id") is not None
+    finally:
+        await listening.port.stopListening()
