@@ -20,8 +20,10 @@ The parser is stricter than twisted.web's client, on purpose: a proxy that
 reads an ambiguous answer one way passes on bytes its client may read
 another. Field names are tokens; a value holds no control character but
 HTAB (RFC 9110 §5.5); the status line is ``HTTP/1.1`` or ``HTTP/1.0`` and a
-three-digit code; Content-Length is digits within 2^63-1, repeated only
-with one value (RFC 9110 §8.6); Transfer-Encoding is ``chunked`` alone, as
+code from 100 to 599; a head has at most `MAX_FIELDS` fields;
+Content-Length is digits within 2^63-1, repeated only with one value (RFC
+9110 §8.6), and Transfer-Encoding wins over it (RFC 9112 §6.3), the
+connection then closed; Transfer-Encoding is ``chunked`` alone, as
 nginx also requires of an upstream (any other coding would reach the
 client undeclared once the field is dropped); chunk sizes are 1 to 16 hex
 digits; interim (1xx) answers are bounded in number, and a 101 nobody asked
@@ -56,6 +58,9 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_INTERIM_RESPONSES = 8
 """Interim (1xx) answers skipped before a request's final one; past this the
 upstream is talking without end, and the answer is invalid."""
+
+MAX_FIELDS = 100
+"""Most field lines in a response head (Envoy's default limit)."""
 
 MAX_CONTENT_LENGTH = 2**63 - 1
 """The largest Content-Length taken: what a signed 64-bit length can hold."""
@@ -277,8 +282,11 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     if len(parts) < 2 or parts[0] not in _VERSIONS:
         raise InvalidResponse(f"invalid status line {status[:80]!r}")
     code_text = parts[1]
-    if len(code_text) != 3 or not code_text.isdigit():
+    if len(code_text) != 3 or not code_text.isdigit() or not b"100" <= code_text < b"600":
+        # RFC 9110 §15: a status code is three digits from 100 to 599.
         raise InvalidResponse(f"invalid status code {status[:80]!r}")
+    if len(lines) > MAX_FIELDS + 1:
+        raise InvalidResponse("too many header fields")
     code = int(code_text)
     phrase = parts[2] if len(parts) == 3 else b""
     reusable = parts[0] == b"HTTP/1.1"

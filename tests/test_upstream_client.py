@@ -400,6 +400,9 @@ def test_http_1_0_keep_alive_connection_is_pooled(net):
         pytest.param(b"http/1.1 200 OK\r\n\r\n", id="lowercase-version"),
         pytest.param(b"HTTP/1.2 200 OK\r\n\r\n", id="http-1-2"),
         pytest.param(b"HTTP/1.1  200 OK\r\n\r\n", id="two-spaces"),
+        pytest.param(b"HTTP/1.1 099 OK\r\n\r\n", id="code-below-100"),
+        pytest.param(b"HTTP/1.1 600 OK\r\n\r\n", id="code-above-599"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", id="too-many-fields"),
     ],
 )
 def test_invalid_head_fails_with_parse_error_and_aborts(net, head):
