@@ -108,6 +108,23 @@ class RateLimits(Service):
             raise RateLimited(headers=decision.headers())
         return decision
 
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Whether every limiter decides as configured, and their backend and state.
+
+        A Redis limiter is not ready until its first connection attempt is
+        over, nor while Redis is unreachable under RATE_LIMIT_FAIL_CLOSED
+        (every limited request would get a 503). The state reported is the
+        least ready of the limiters': each budget has its own connection.
+        """
+        limiters = list(self._limiters.values())
+        if not limiters:
+            return True, {"backend": "off", "state": "off"}
+        states = {limiter.state for limiter in limiters}
+        state = next(s for s in ("connecting", "unavailable", "connected", "ready") if s in states)
+        return all(limiter.ready for limiter in limiters), {
+            "backend": limiters[0].backend, "state": state,
+        }
+
     @property
     def limiters(self) -> dict[str, Any]:
         """The limiter of each budget, by policy name (read-only use)."""

@@ -225,6 +225,11 @@ class TokenBucketLimiter:
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = reactor
 
+    backend = "memory"
+    state = "ready"
+    ready = True
+    """In-process buckets decide at once, from the first request."""
+
     def __len__(self) -> int:
         """Number of buckets currently tracked."""
         return len(self._buckets)
@@ -604,6 +609,7 @@ class RedisLimiter:
         self._prefix = f"{KEY_PREFIX}{policy}:".encode()
         self._argv = (str(capacity).encode(), repr(float(window)).encode())
         self._protocol: _RespProtocol | None = None
+        self._first_attempt_over = False
         self._outage_since: float | None = None
         self._outage_failures = 0
         self.failures = 0
@@ -622,9 +628,38 @@ class RedisLimiter:
         """Whether a prepared connection is ready for decisions."""
         return self._protocol is not None
 
+    backend = "redis"
+
+    @property
+    def state(self) -> str:
+        """``connecting`` until the first connection attempt is over, then
+        ``connected`` or ``unavailable``."""
+        if not self._first_attempt_over:
+            return "connecting"
+        return "connected" if self._protocol is not None else "unavailable"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the limiter decides as configured: connected, or failing
+        open once its first attempt is over (its decisions then allow)."""
+        state = self.state
+        return state == "connected" or (self.fail_open and state == "unavailable")
+
     def start(self) -> None:
         """Connect, and keep reconnecting whenever the connection is lost."""
         self._service.startService()
+        first = self._service.whenConnected(failAfterFailures=1)
+        first.addBoth(self._first_attempt_ended)
+
+    def _first_attempt_ended(self, result: Any) -> None:
+        """Readiness waits for this: connected, or failed and logged."""
+        self._first_attempt_over = True
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            self.log.msg(
+                "rate_limit_backend_connect_failed",
+                reason=f"{result.type.__name__}: {result.getErrorMessage()}",
+                fail_open=self.fail_open,
+            )
 
     def stop(self) -> Deferred[None]:
         """Stop reconnecting and close the connection.

@@ -253,8 +253,21 @@ class GatewayService(MultiService):
             self.authenticator,
             self.limits,
             metrics=self.metrics,
-            readiness=lambda: self.drain.readiness(),
+            readiness=self.readiness,
         )
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """The ``/health/ready`` answer: the drain's, and the rate limiter's.
+
+        Not ready (503) while draining, and while the limiter cannot decide
+        as configured (``RateLimits.readiness``): a load balancer then sends
+        the first requests to a process whose budget is really shared.
+        """
+        status, document = self.drain.readiness()
+        limiter_ready, document["rate_limiter"] = self.limits.readiness()
+        if status == 200 and not limiter_ready:
+            return 503, {**document, "status": "not_ready"}
+        return status, document
 
     def apply_settings(self, settings: Settings) -> None:
         """Serve new requests under ``settings`` (a SIGHUP reload).

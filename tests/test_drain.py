@@ -165,6 +165,7 @@ async def test_ready_route_answers_breaker_states(gateway):
     assert json.loads(await response.content()) == {
         "status": "ready",
         "upstreams": {"auth": "closed", "storage": "closed", "analytics": "closed"},
+        "rate_limiter": {"backend": "memory", "state": "ready"},
     }
 
 
