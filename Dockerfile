@@ -19,10 +19,11 @@ WORKDIR /src
 # Dependencies first, in their own layer, so that a code change does not
 # reinstall them. setup.py's install_requires is the single list: it is read
 # by running setup.py with setuptools.setup replaced by a printer (setup.py
-# only needs itself for that), so there is no requirements.txt to drift.
-COPY setup.py pyproject.toml ./
+# only needs itself for that), so there is no requirements.txt to drift; the
+# versions are the exact ones constraints.txt pins, which CI tests.
+COPY setup.py pyproject.toml constraints.txt ./
 RUN python -c "import runpy, setuptools; setuptools.setup = lambda **kw: print('\n'.join(kw['install_requires'])); runpy.run_path('setup.py')" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt
 
 # Then the code; its dependencies are already there.
 COPY deltagw ./deltagw

@@ -1,16 +1,20 @@
 # deltagw: `make run` starts the gateway, `make test` runs the whole suite.
-# Both create the virtual environment (.venv) themselves.
+# Both create the virtual environment (.venv) themselves, with the exact
+# versions constraints.txt pins. `make test VENV=.venv-lowest
+# CONSTRAINTS=constraints-lowest.txt` runs the suite on the lowest versions
+# setup.py allows instead (CI runs both).
 
 VENV ?= .venv
 PYTHON ?= python3
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
 .PHONY: install run test bench clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q ".[test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,4 +31,4 @@ bench: install
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lowest build *.egg-info
