@@ -1,4 +1,4 @@
-"""Which budget a request spends, and from which limiter (DESIGN §2, issue 5).
+"""Which budget a request spends, and from which limiter.
 
 Every ``/api`` route spends from a token bucket keyed by the verified user,
 or else by the client address; the auth group has its own stricter budget

@@ -2,8 +2,8 @@
 
 twisted.web's ``Agent`` builds, for every request, a Request and a Response
 object, a line-by-line parser state machine, two header objects and a chain
-of half a dozen Deferreds; profiled under load that was about a third of the
-gateway's CPU per proxied request (bench/, issue 9). A forward needs much
+of half a dozen Deferreds; profiled under load (``make bench``) that was a
+large share of the gateway's CPU per proxied request. A forward needs much
 less: one write of the request head with its buffered body, one parse of the
 response head, and the body passed on as it arrives.
 
