@@ -595,10 +595,16 @@ async def _abort(request: Any) -> None:
     """Close the client connection mid-response and wait until it is gone.
 
     Finishing the response normally would tell the client a truncated body
-    was complete; an aborted connection cannot be mistaken for success.
+    was complete. With a Content-Length or chunked framing the client can
+    tell a body cut short by the close (RFC 9112 §8), so the bytes already
+    written go out first; without either, only an aborted connection cannot
+    be mistaken for success.
     """
     finished = request.notifyFinish()
-    request.transport.abortConnection()
+    if request.chunked or request.responseHeaders.hasHeader(b"content-length"):
+        request.transport.loseConnection()
+    else:
+        request.transport.abortConnection()
     try:
         await finished
     except Exception:

@@ -374,8 +374,10 @@ def test_workers_spend_one_budget_through_redis(
         ))
         port, pids = daemon.serving(2)
         answers: list[tuple[int, int]] = []
+        # Which worker accepts a connection is the kernel's choice; on a
+        # loaded machine one may take a long run of them before the other.
         while {pid for status, pid in answers if status == 429} != pids:
-            assert len(answers) < 100, answers
+            assert len(answers) < 1000, answers
             status, pid, body = answered_by(daemon, port, "/api/data/products")
             if b"Rate limit service unavailable" not in body:
                 answers.append((status, pid))
