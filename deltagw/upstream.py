@@ -48,6 +48,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from deltagw.headers import connection_named
+from deltagw.http_syntax import has_bare_cr, has_controls, is_token
 from deltagw.speedups import held_writes
 
 Header = tuple[bytes, bytes]
@@ -95,11 +96,6 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
 _WHITESPACE = b" \t"
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
-"""A field name (RFC 9110 §5.1)."""
-_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
-"""What no response head may hold: a control character other than HTAB or a
-line ending, or a CR that ends no line (RFC 9110 §5.5, RFC 9112 §2.2)."""
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 NO_BODY_CODES = frozenset({204, 304})
 """Statuses whose responses never have a body (RFC 9110 §15.3.5, §15.4.5)."""
@@ -274,7 +270,9 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
         InvalidResponse: not an HTTP/1.1 or HTTP/1.0 status line, a
             malformed field, or framing that cannot be trusted.
     """
-    if _FORBIDDEN.search(head):
+    # No control character but HTAB or a line ending, and no CR that ends no
+    # line (RFC 9110 §5.5, RFC 9112 §2.2).
+    if has_controls(head) or has_bare_cr(head):
         raise InvalidResponse(f"control character in the response head {head[:80]!r}")
     lines = _head_lines(head)
     status = lines[0]
@@ -297,7 +295,7 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     transfer_encoding: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
+        if not colon or not is_token(name):
             raise InvalidResponse(f"invalid header line {line[:80]!r}")
         value = value.strip(_WHITESPACE)
         lower = name.lower()
