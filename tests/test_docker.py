@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.test_systemd import (
     LOOPBACK_ANY_PORT,
@@ -144,3 +149,59 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for pattern in (".venv", ".git", "bench/results", "**/__pycache__", "**/dropin.cache"):
         assert pattern in ignored
+
+
+def _requirements(extra: str | None = None) -> list[Requirement]:
+    """setup.py's install_requires (or one extra), read the way the Dockerfile reads them."""
+    found: dict = {}
+    with mock.patch("setuptools.setup", lambda **kw: found.update(kw)):
+        runpy.run_path(str(ROOT / "setup.py"))
+    listed = found["install_requires"] if extra is None else found["extras_require"][extra]
+    return [Requirement(line) for line in listed]
+
+
+def _pins(name: str) -> dict[str, Version]:
+    """A constraints file as {canonical name: exact version}; every line is an exact pin."""
+    pinned = {}
+    for line in (ROOT / name).read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        requirement = Requirement(line)
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", line
+        pinned[canonicalize_name(requirement.name)] = Version(specifier.version)
+    return pinned
+
+
+def _bound(requirement: Requirement, operators: tuple[str, ...]) -> Version:
+    """The version of the requirement's clause with one of ``operators``."""
+    (version,) = [Version(s.version) for s in requirement.specifier if s.operator in operators]
+    return version
+
+
+@pytest.mark.parametrize("extra", [None, "test"])
+def test_constraints_pin_the_upper_bounds_setup_py_allows(extra: str | None) -> None:
+    """constraints.txt (what make test and the image install) pins each dependency
+    at setup.py's upper bound: nothing newer than CI ran can be installed."""
+    newest = _pins("constraints.txt")
+    for requirement in _requirements(extra):
+        assert newest[canonicalize_name(requirement.name)] == _bound(requirement, ("<=", "==")), (
+            requirement
+        )
+
+
+def test_lowest_constraints_pin_the_lower_bounds_setup_py_allows() -> None:
+    """constraints-lowest.txt (CI's third pass) pins each runtime dependency at
+    setup.py's lower bound."""
+    lowest = _pins("constraints-lowest.txt")
+    for requirement in _requirements():
+        assert lowest[canonicalize_name(requirement.name)] == _bound(requirement, (">=",)), (
+            requirement
+        )
+
+
+def test_image_installs_the_tested_constraints() -> None:
+    """The image copies constraints.txt and installs the runtime dependencies under it."""
+    installs = [rest for keyword, rest in instructions() if keyword == "RUN" and "pip install" in rest]
+    assert any("-c constraints.txt" in rest for rest in installs), installs
+    assert all("-c constraints.txt" in rest or "--no-deps" in rest for rest in installs), installs
