@@ -2,7 +2,7 @@
 
 Each row of ``deltagw.routes.ROUTES`` becomes one Klein route per API prefix
 plus an OPTIONS route for its preflight; errors of every kind are turned into
-the JSON answers of DESIGN §3 in one place (``handle_errors``).
+the gateway's JSON error answers in one place (``handle_errors``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def upstream_path(route: Route, params: dict[str, str]) -> str:
 @functools.lru_cache(maxsize=1024)
 def _filled_path(template: str, params: tuple[tuple[str, str], ...]) -> str:
     # Cached: clients ask for the same few products again and again, and the
-    # checks and quoting cost more than the lookup (bench/, issue 9).
+    # checks and quoting cost more than the lookup (``make bench``).
     for name, value in params:
         if _UNSAFE_PARAM.search(value):
             raise BadRequest(f"Invalid path parameter: {name}")
@@ -109,7 +109,7 @@ class Gateway:
         self.limits = limits
         self.cors = CorsPolicy(settings.cors_origins)
         self.metrics = metrics if metrics is not None else Metrics()
-        # The drain service answers readiness (issue 6); without one (a bare
+        # The drain service answers readiness; without one (a bare
         # Gateway in a test) the gateway is ready while it serves.
         self.readiness = readiness or (lambda: (200, {"status": "ready", "upstreams": {}}))
         self.docs_ui = SwaggerUIResource(spec_url="/api/docs", base_path="/api/docs/ui")
@@ -144,7 +144,7 @@ class Gateway:
             for name, value in decision.headers():
                 set_raw(name, [value])
         if route.composed:
-            # Backend for Frontend (issue 7): the parts are called in parallel,
+            # Backend for Frontend: the parts are called in parallel,
             # each as a forwarded call of its own row would be.
             return await self.composer.compose(
                 route, request, params,
@@ -327,7 +327,7 @@ class DirectRoutes(Resource):
     """Runs the table's rows without Klein's per-request machinery.
 
     Klein's werkzeug matching, adapters and Deferred wrapping were a sixth
-    of the CPU of a proxied request (bench/, issue 9). A request the index
+    of the CPU of a proxied request (``make bench``). A request the index
     names goes straight to `Gateway.dispatch`, with Klein's contract kept:
     the handler is cancelled when the client goes away, and its errors are
     answered by the same handlers Klein uses. Everything else goes to Klein.

@@ -10,8 +10,8 @@ steps, each replaceable on its own:
 3. `CachingVerifier` sits in front of either, so that a burst of requests
    carrying one token costs the auth service one call, not one per request.
 
-The outcome is one of three things, and the gateway answers each differently
-(DESIGN.md §3): an `Identity`; an `AuthError` (401: the client must fix its
+The outcome is one of three things, and the gateway answers each differently:
+an `Identity`; an `AuthError` (401: the client must fix its
 credentials); or `AuthUnavailable` (503 with Retry-After: the client should
 retry, not log in again). That is why `AuthUnavailable` deliberately does
 *not* derive from `AuthError`: ``except AuthError`` can never turn an auth
@@ -213,7 +213,7 @@ class RemoteVerifier:
         """
         d = defer.ensureDeferred(self._ask(token))
         # treq's own timeout= stops at the response headers; this one also
-        # covers reading the body (STYLE.md, Timeouts).
+        # covers reading the body.
         d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
         d.addErrback(_transport_failure)
         return d
@@ -238,8 +238,8 @@ class _AnswerReader(protocol.Protocol):
     """Collects the auth service's (small) answer body.
 
     Cancelling `done` stops the transport, which closes the connection: a
-    timed-out or abandoned upstream request is never left running
-    (DESIGN.md §3). An answer over `MAX_ANSWER_BYTES` is not what the auth
+    timed-out or abandoned upstream request is never left running.
+    An answer over `MAX_ANSWER_BYTES` is not what the auth
     service sends, so it is cut off the same way.
     """
 
@@ -551,7 +551,7 @@ class CachingVerifier:
     - At most ``max_entries`` outcomes are kept, least recently used evicted
       first, keyed by the token's SHA-256 digest so no raw token is retained.
 
-    With ``ttl == 0`` the cache is bypassed entirely (DESIGN.md §5: "0 =
+    With ``ttl == 0`` the cache is bypassed entirely ("0 =
     verify every request"): no stored outcomes, negative ones included, and no
     single flight either, since joining a call that started before the
     request arrived would not be verifying *that* request.

@@ -1,5 +1,5 @@
 """Authentication at the edge: which routes need a token, and what each
-verification outcome means for the client (DESIGN §2-§3).
+verification outcome means for the client.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def auth_policy(route: Route, require_auth: frozenset[str]) -> str:
     The auth routes ignore tokens (logout passes its Authorization through
     to the auth service, which judges it); the user routes always need one;
     data and analytics need one when REQUIRE_AUTH lists their group. A
-    composed route (issue 7) shows what its parts' rows show, so it needs a
+    composed route shows what its parts' rows show, so it needs a
     token whenever one of those rows would (REQUIRE_AUTH=analytics protects
     the overview's put/call ratios too), and otherwise takes one if given.
     """

@@ -1,6 +1,6 @@
 """Backend for Frontend: composed routes answered from parallel upstream calls.
 
-A composed row of the route table (``Route.parts``, issue 7) is answered by
+A composed row of the route table (``Route.parts``) is answered by
 the gateway itself: it makes each part's upstream call at the same time,
 through the same in-flight cap, circuit breaker, retry policy and timeout as
 a forwarded call of that part's row (`deltagw.proxy.Proxy.fetch_json`),

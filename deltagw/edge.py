@@ -1,4 +1,4 @@
-"""The edge: what every request passes before routing (DESIGN §4).
+"""The edge: what every request passes before routing.
 
 Request id, CORS, client address and the check that must hold before any
 route code runs: a URL the gateway can read. (The body limit and the

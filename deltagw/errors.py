@@ -1,7 +1,7 @@
 """The gateway's own error answers: one JSON shape, one place that writes it.
 
 Clients and the seed's front end read ``{"error": "<message>"}`` with
-``Content-Type: application/json``; DESIGN §3 fixes each status and message.
+``Content-Type: application/json``; README's error table fixes each status and message.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Unauthorized(GatewayError):
 
 
 class RateLimited(GatewayError):
-    """Over budget; the headers say when to come back (issue 5)."""
+    """Over budget; the headers say when to come back."""
 
     status = 429
     message = "Rate limit exceeded"
@@ -126,7 +126,7 @@ _OUTCOME_OF_REASON = {
 
 
 def upstream_outcome(reason: str) -> str:
-    """The access log ``outcome`` of an upstream failure reason (issue 8)."""
+    """The access log ``outcome`` of an upstream failure reason."""
     return _OUTCOME_OF_REASON.get(reason, f"upstream_{reason}")
 
 

@@ -151,7 +151,7 @@ def forwarded_element(peer: str, proto: bytes, host: bytes) -> bytes:
     """One RFC 7239 element describing this hop (IPv6 addresses quoted and bracketed).
 
     Cached: a client sends the same Host from the same address request after
-    request (bench/, issue 9).
+    request (``make bench``).
     """
     node = f"[{peer}]" if ":" in peer else peer
     parts = [b"for=" + _forwarded_value(node), b"proto=" + proto]

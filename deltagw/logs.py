@@ -75,8 +75,8 @@ class _Publisher:
 
     Events go straight to the ``twisted.logger`` publisher, in the shape
     ``twisted.python.log`` would give them, without that legacy module's
-    lock, context copy and conversion (two events per request; bench/,
-    issue 9). Every observer still sees every event.
+    lock, context copy and conversion (two events per request; see
+    ``make bench``). Every observer still sees every event.
     """
 
     def msg(self, *message: Any, **fields: Any) -> None:
@@ -144,7 +144,7 @@ class JSONLinesObserver:
     Lines go out in batches of whole lines, when a batch is full and from
     `flush_all` (every FLUSH_INTERVAL while serving, and at exit): a write
     and a flush per line were two system calls per request for the two
-    access log events (bench/, issue 9).
+    access log events (``make bench``).
     """
 
     def __init__(self, stream: IO[str]) -> None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one gateway (DESIGN §4: "... ▸ access log ▸ metrics").
+"""Prometheus metrics of one gateway (written after the access log, once the answer is sent).
 
 Every label value is drawn from a closed set, so no client can grow the
 number of series: ``route`` is a route template from the table or

@@ -1,4 +1,4 @@
-"""The OpenAPI document, generated from the route table alone (DESIGN §4).
+"""The OpenAPI document, generated from the route table alone.
 
 Nothing here lists routes: every path, method, parameter, security
 requirement and error answer is derived from ``deltagw.routes.ROUTES`` and
@@ -247,7 +247,7 @@ PATH_PARAMS: dict[str, tuple[str, str]] = {
 """Description and example of path parameters by name (default: plain string)."""
 
 PATH_VALUE_PATTERN = r"^\.?(?:[^./\\\x00-\x1f\x7f]+\.)*[^./\\\x00-\x1f\x7f]+\.?$"
-"""What the gateway lets through as a path parameter value (DESIGN §2).
+"""What the gateway lets through as a path parameter value.
 
 The positive form of ``deltagw.app._UNSAFE_PARAM``: no control character,
 ``/`` or ``\\``, no ``..`` anywhere, and not ``.`` alone — every other value

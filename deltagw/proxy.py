@@ -124,7 +124,7 @@ class UpstreamClient:
 
     Forwarded and composed calls go through ``pool``, a lean HTTP/1.1 client
     (``deltagw.upstream``): twisted.web's Agent and treq cost a third of the
-    gateway's CPU per proxied request (bench/, issue 9), and treq's decoder
+    gateway's CPU per proxied request (``make bench``), and treq's decoder
     would re-encode bodies a proxy must pass through byte for byte. treq
     (``http``) serves the gateway's own JSON calls (token verification), on
     a Twisted pool of its own. Neither pool retries by itself: retrying is a

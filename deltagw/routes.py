@@ -48,7 +48,7 @@ class QueryParam:
 
 @dataclass(frozen=True)
 class Part:
-    """One upstream call of a composed route (a Backend for Frontend, issue 7).
+    """One upstream call of a composed route (a Backend for Frontend).
 
     The call is the upstream half of an existing row, so it inherits that
     row's service, upstream path, timeout, breaker and auth group.
