@@ -83,6 +83,8 @@ _METHOD = re.compile(rb"[A-Z][-A-Z_]*\Z")
 _WHITESPACE = b" \t"
 
 _HEAD, _BY_LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER = range(6)
+_AFTER_COUNTED_BYTES = {_BY_LENGTH: _HEAD, _CHUNK_DATA: _CHUNK_END}
+"""The states that pass a known number of body bytes, and the state after them."""
 
 
 class RequestRejected(Exception):
@@ -165,18 +167,12 @@ class RequestFramer:
             state = self._state
             if state == _HEAD:
                 position = self._head(data, position)
-            elif state == _BY_LENGTH:
+            elif state in _AFTER_COUNTED_BYTES:
                 taken = min(self._remaining, end - position)
                 position += taken
                 self._remaining -= taken
                 if not self._remaining:
-                    self._state = _HEAD
-            elif state == _CHUNK_DATA:
-                taken = min(self._remaining, end - position)
-                position += taken
-                self._remaining -= taken
-                if not self._remaining:
-                    self._state = _CHUNK_END
+                    self._state = _AFTER_COUNTED_BYTES[state]
             else:
                 position = self._line(data, position, state)
             if position < 0:  # an incomplete line or head: held back
