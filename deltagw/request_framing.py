@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 
-from deltagw.http_syntax import is_token
+from deltagw.http_syntax import has_bare_cr, has_controls, is_token
 
 MAX_HEAD_BYTES = 16 * 1024
 """Largest request head (request line and fields), twisted.web's own limit."""
@@ -66,12 +66,13 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 
 def _forbidden(head: bytes) -> bool:
-    """Whether ``head`` holds a NUL, or a CR or LF that is not a CRLF: what
-    RFC 9110 §5.5 says a recipient must refuse in a field value (other
-    control characters it may keep, and the gateway does, as h11 and
-    twisted.web do; names, methods and targets admit none)."""
-    crlf = head.count(b"\r\n")
-    return b"\x00" in head or head.count(b"\r") != crlf or head.count(b"\n") != crlf
+    """Whether ``head`` holds a control character other than HTAB, or a CR
+    or LF that is not a CRLF. RFC 9110 §5.5 admits none in a field value
+    (only NUL, CR and LF must be refused; the others are refused too, as
+    HAProxy does, so that no upstream parser is left to guess at them)."""
+    return has_controls(head) or has_bare_cr(head) or head.count(b"\n") != head.count(b"\r\n")
+
+
 _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z"
 )

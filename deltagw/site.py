@@ -204,6 +204,20 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.write(_TIMEOUT_RESPONSE)
         self.loseConnection()
 
+    def timeoutConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        """twisted.web's idle timeout: a request still being received gets its 408.
+
+        The idle timeout and the request deadline are both CLIENT_TIMEOUT,
+        so when a client sends its first byte at once and nothing more they
+        fall due together; whichever comes first, a request under way is
+        answered 408, and only an idle connection is closed without a word.
+        """
+        if self._request_clock is not None:
+            self.stop_request_clock()
+            self.request_too_slow()
+        else:
+            super().timeoutConnection()
+
     def _refuse(self, rejected: RequestRejected) -> None:
         """Answer a request the framer refused, and close the connection."""
         self.stop_request_clock()

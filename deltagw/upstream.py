@@ -239,6 +239,16 @@ def _parse_content_length(values: list[bytes]) -> int:
     return int(text)
 
 
+def _is_trailer_field(line: bytes) -> bool:
+    """Whether a trailer line is a field as a head's would be (RFC 9112 §7.1.2).
+
+    The gateway drops trailers, but one that is not a field means the
+    chunked framing is not what it seemed, so the body cannot be trusted.
+    """
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and is_token(name) and not has_controls(line) and not has_bare_cr(line)
+
+
 def _head_lines(head: bytes) -> list[bytes]:
     """The lines of a head: CRLF or bare LF endings, obs-fold joined with a space.
 
@@ -529,9 +539,13 @@ class _Connection(Protocol):
                         self._fail_body(InvalidResponse("trailer section too large"))
                     return
                 self._buffer = rest
-                if not line.rstrip(b"\r"):
+                field = line[:-1] if line.endswith(b"\r") else line
+                if not field:
                     self._buffer = b""
                     self._end_body(rest)
+                elif not _is_trailer_field(field):
+                    self._fail_body(InvalidResponse(f"invalid trailer field {field[:80]!r}"))
+                    return
 
     def _end_body(self, rest: bytes) -> None:
         """The body is complete: free the connection, then tell the reader."""

@@ -90,7 +90,7 @@ async def test_missing_header_is_401_with_challenge(edge):
 
 @pytest.mark.parametrize(
     "header",
-    [b"Bearer", b"Bearer ", b"Basic dXNlcjpwYXNz", b"Bearer a b", b"Bearer tok\x01", b"Bearer " + b"a" * 5000, b"tok-alice"],
+    [b"Bearer", b"Bearer ", b"Basic dXNlcjpwYXNz", b"Bearer a b", b"Bearer t\xc3\xa9k", b"Bearer " + b"a" * 5000, b"tok-alice"],
 )
 @pytest_twisted.ensureDeferred
 async def test_malformed_header_is_401_invalid_token(edge, auth, header):

@@ -66,6 +66,16 @@ def test_a_request_trickled_past_the_timeout_gets_408(speedups):
 
 
 @both_modes
+def test_a_request_started_then_silent_gets_408(speedups):
+    """One byte, then nothing: the idle timeout and the deadline fall due together; 408 either way."""
+    clock, channel, transport = _connection(10, speedups=speedups)
+    channel.dataReceived(REQUEST[:1])
+    clock.advance(10)
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout")
+    assert transport.disconnecting
+
+
+@both_modes
 def test_answering_takes_as_long_as_it_takes(speedups):
     """A request being answered is never timed out; the idle clock restarts after it."""
     clock, channel, transport = _connection(10, resource=_Never(), speedups=speedups)

@@ -257,7 +257,10 @@ def chunked_bodies(draw: Any) -> bytes:
         form = draw(st.sampled_from(CHUNK_SIZE_FORMS)) if draw(st.booleans()) else "plain"
         after = draw(st.sampled_from([CRLF, CRLF, CRLF, b"\n", b"XX"]))
         out += _chunk_size(len(piece), form) + CRLF + piece + after
-    return out + draw(st.sampled_from([b"0\r\n\r\n", b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"0\r\n", b""]))
+    return out + draw(st.sampled_from([
+        b"0\r\n\r\n", b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"0\r\n", b"",
+        b"0\r\nnot a field\r\n\r\n", b"0\r\nX-T: a\x00b\r\n\r\n",
+    ]))
 
 
 @st.composite
@@ -283,7 +286,8 @@ def requests(draw: Any) -> bytes:
         fields.append(b"Transfer-Encoding: " + draw(st.sampled_from(TRANSFER_ENCODINGS)))
     odd_field = draw(st.sampled_from([
         None, None, None, b"X-A: 1", b"X-A : 1", b" folded", b"\tfolded", b"Bad Name: x",
-        b"X-A: a\x00b", b"X-A: a\rb", b"X-A: \x01", b"Expect: 100-continue", b"X-A:",
+        b"X-A: a\x00b", b"X-A: a\rb", b"X-A: \x01", b"X-A: a\x0bb", b"X-A:\x0c1",
+        b"Expect: 100-continue", b"X-A:",
     ]))
     if odd_field is not None:
         fields.insert(draw(st.integers(0, len(fields))), odd_field)

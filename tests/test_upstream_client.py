@@ -564,6 +564,10 @@ def test_chunked_body_with_bare_lf_is_decoded(net):
         pytest.param(b"1" * 17 + b"\r\n", id="too-many-digits"),
         pytest.param(b"5\r\nhelloX\r\n", id="no-crlf-after-data"),
         pytest.param(b"5;" + b"x" * 5000, id="size-line-too-long"),
+        pytest.param(b"0\r\nnot a field\r\n\r\n", id="trailer-not-a-field"),
+        pytest.param(b"0\r\nBad Name: x\r\n\r\n", id="trailer-name-not-a-token"),
+        pytest.param(b"0\r\nX-T: a\x00b\r\n\r\n", id="trailer-nul-in-value"),
+        pytest.param(b"0\r\nX-T: a\rb\r\n\r\n", id="trailer-bare-cr"),
     ],
 )
 def test_invalid_chunked_body_fails_the_body_and_aborts(net, body):
