@@ -35,6 +35,7 @@ from deltagw.errors import (
     MethodNotAllowed,
     NotFound,
     RateLimited,
+    Unauthorized,
     json_response,
     write_error,
 )
@@ -131,18 +132,7 @@ class Gateway:
     async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
         """Run one matched route: answered here, or forwarded upstream."""
         request.route = route.template
-        identity = await self.authenticator.identify(request, route)
-        if identity is not None:
-            request.log_fields["user_id"] = identity.user_id
-        try:
-            decision = await self.limits.check(route, request.client_address, identity)
-        except RateLimited:
-            self.metrics.rate_limited(route.group)
-            raise
-        if decision is not None:
-            set_raw = request.responseHeaders.setRawHeaders
-            for name, value in decision.headers():
-                set_raw(name, [value])
+        identity = await self._admit(route, request)
         if route.composed:
             # Backend for Frontend: the parts are called in parallel,
             # each as a forwarded call of its own row would be.
@@ -157,6 +147,48 @@ class Gateway:
         timeout = self.settings.upstream_timeout(route.service.name)
         await self.proxy.forward(request, route.service, url, headers, timeout)
         return None
+
+    async def _admit(self, route: Route, request: Any) -> Identity | None:
+        """Identify the caller, and spend the request's rate-limit token.
+
+        A request with a verified identity spends from its user's budget,
+        any other from its address's, a 401 included. Every token
+        verification the cache cannot answer is charged to the address
+        first: a client rotating bogus tokens meets 429 after its budget's
+        worth of verifications, as it would without a token (nginx's
+        limit_req runs before auth_request for the same reason).
+        """
+        address_spent = False
+
+        async def spend_address() -> None:
+            nonlocal address_spent
+            address_spent = True
+            await self._spend(route, request, None)
+
+        try:
+            identity = await self.authenticator.identify(request, route, spend_address)
+        except Unauthorized:
+            if not address_spent:
+                await self._spend(route, request, None)
+            raise
+        if identity is not None:
+            request.log_fields["user_id"] = identity.user_id
+            await self._spend(route, request, identity)
+        elif not address_spent:
+            await self._spend(route, request, None)
+        return identity
+
+    async def _spend(self, route: Route, request: Any, identity: Identity | None) -> None:
+        """Spend one token of the user's budget, or of the address's without one."""
+        try:
+            decision = await self.limits.check(route, request.client_address, identity)
+        except RateLimited:
+            self.metrics.rate_limited(route.group)
+            raise
+        if decision is not None:
+            set_raw = request.responseHeaders.setRawHeaders
+            for name, value in decision.headers():
+                set_raw(name, [value])
 
     def _upstream_headers(
         self, request: Any, route: Route, identity: Identity | None

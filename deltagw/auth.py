@@ -589,6 +589,17 @@ class CachingVerifier:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._flights: dict[bytes, _Flight] = {}
 
+    def remembers(self, token: bytes) -> bool:
+        """Whether verifying ``token`` now would start no verification of its own:
+        its outcome is remembered, or a verification of it is under way."""
+        if self._ttl == 0:
+            return False
+        key = hashlib.sha256(token).digest()
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at > self._reactor.seconds():
+            return True
+        return key in self._flights
+
     def verify(self, token: bytes) -> Deferred[Identity]:
         """Verify ``token``, from memory when possible.
 

@@ -4,14 +4,15 @@ verification outcome means for the client.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deltagw.auth import (
     AuthUnavailable,
+    CachingVerifier,
     Identity,
     InvalidToken,
     MissingCredentials,
-    Verifier,
     parse_bearer,
 )
 from deltagw.errors import AuthServiceUnavailable, Unauthorized
@@ -46,19 +47,29 @@ class Authenticator:
     """Turns a request's Authorization header into an identity, or an error.
 
     Args:
-        verifier: Verifies a token (remote, local, usually cached).
+        verifier: Verifies a token (remote or local), through its cache.
         require_auth: Route groups that need a valid token.
     """
 
-    def __init__(self, verifier: Verifier, require_auth: frozenset[str]) -> None:
+    def __init__(self, verifier: CachingVerifier, require_auth: frozenset[str]) -> None:
         self._verifier = verifier
         self._require_auth = require_auth
 
     def policy(self, route: Route) -> str:
         return auth_policy(route, self._require_auth)
 
-    async def identify(self, request: Any, route: Route) -> Identity | None:
+    async def identify(
+        self,
+        request: Any,
+        route: Route,
+        before_verifying: Callable[[], Awaitable[object]],
+    ) -> Identity | None:
         """The verified identity of ``request``, or None where it may go without.
+
+        ``before_verifying`` is awaited before a token is verified that the
+        cache cannot answer: each such verification costs the auth service
+        a call (or the gateway a signature check), so the caller charges it
+        to the client and may refuse it by raising.
 
         Raises:
             Unauthorized: the route needs a token and none valid was given.
@@ -75,6 +86,8 @@ class Authenticator:
             if len(headers) > 1:
                 raise InvalidToken()
             token = parse_bearer(headers[0] if headers else None)
+            if not self._verifier.remembers(token):
+                await before_verifying()
             return await self._verifier.verify(token)
         except MissingCredentials:
             raise Unauthorized("Missing Authorization header", token_given=False) from None

@@ -73,3 +73,30 @@ async def test_bug_is_500_without_traceback(make_gateway, upstream):
     logged = next(str(e["message"][0]) for e in events if "unhandled_error" in str(e.get("message")))
     assert "secret internals" in logged
     assert (await gateway.get("/health")).code == 200
+
+
+STANDARD_PHRASES = {
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+    414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+"""RFC 9110 §15 and RFC 6585 §4-5, written out here rather than read from the code."""
+
+
+def _error_classes(cls: type) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _error_classes(sub)]
+
+
+def test_every_status_the_gateway_writes_has_its_standard_phrase_and_title():
+    """Each GatewayError's status, and each status the framer refuses with, reads as RFC 9110/6585 names it."""
+    import deltagw.app  # noqa: F401 (imports every module that defines a GatewayError)
+    from deltagw.errors import GatewayError, problem_document, reason_phrase
+    from deltagw.site import _REFUSAL_OUTCOMES
+
+    statuses = {c.status for c in _error_classes(GatewayError)} | set(_REFUSAL_OUTCOMES) | {400, 408}
+    assert {401, 429, 503} <= statuses
+    for status in sorted(statuses):
+        assert reason_phrase(status) == STANDARD_PHRASES[status], status
+        assert problem_document(status, "x", None)["title"] == STANDARD_PHRASES[status].decode()

@@ -117,7 +117,7 @@ async def _codes(gateway: Any, count: int, path: str = "/api/data/products", **h
 
 def _assert_refused(response: Any, policy: str, limit: int) -> None:
     """A 429 in the shape DESIGN §3 promises, for the named policy."""
-    assert response.code == 429
+    assert (response.code, response.phrase) == (429, b"Too Many Requests")
     assert json.loads(response.body)["error"] == "Rate limit exceeded"
     assert _header(response, b"content-type") == b"application/json"
     retry_after = _header(response, b"retry-after")
@@ -283,15 +283,68 @@ async def test_verified_user_has_own_budget_that_follows_the_user(make_gateway, 
     )
     alice = {"authorization": b"Bearer tok-alice", "x_forwarded_for": b"203.0.113.5"}
     assert await _codes(gateway, 4, **alice) == [200] * 3 + [429]
-    # Same address, another user, or nobody: separate budgets.
+    # Same address, another user: a budget of its own.
     assert await _codes(gateway, 3, authorization=b"Bearer tok-bob", x_forwarded_for=b"203.0.113.5") == [200] * 3
-    assert await _codes(gateway, 3, x_forwarded_for=b"203.0.113.5") == [200] * 3
+    # Nobody from that address: the address's budget, less the one token
+    # each of the two verifications (alice's, bob's) was charged.
+    assert await _codes(gateway, 2, x_forwarded_for=b"203.0.113.5") == [200, 429]
     # Alice from elsewhere, even with another token of hers, is still over budget.
     assert (await _get(gateway, authorization=b"Bearer tok-alice", x_forwarded_for=b"198.51.100.7")).code == 429
     assert (await _get(gateway, authorization=b"Bearer tok-alice-phone", x_forwarded_for=b"198.51.100.7")).code == 429
     assert (await _get(gateway, authorization=b"Bearer tok-alice-phone")).code == 429
     forwarded_users = [s.header(b"x-user-id") for s in upstream.seen]
     assert forwarded_users.count([b"17"]) == 3 and forwarded_users.count([b"23"]) == 3
+
+
+def _verifications(auth: AuthStub) -> int:
+    return sum(1 for seen in auth.seen if seen.uri == b"/verify")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bogus_tokens_on_a_required_route_cost_the_address_budget(make_gateway, auth, upstream):
+    """60 distinct bogus tokens from one address: 5 verifications (the budget), 5 × 401, then 55 × 429."""
+    gateway = await make_gateway(
+        AUTH_SERVICE_URL=auth.url, STORAGE_SERVICE_URL=upstream.url,
+        RATE_LIMIT_REQUESTS="5", REQUIRE_AUTH="data",
+    )
+    codes = [
+        (await _get(gateway, authorization=b"Bearer bogus-%d" % i)).code for i in range(60)
+    ]
+    assert codes == [401] * 5 + [429] * 55
+    assert _verifications(auth) == 5
+    assert upstream.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bogus_tokens_on_an_optional_route_cost_the_address_budget(make_gateway, auth, upstream):
+    """20 distinct bogus tokens where a token is optional: 5 served anonymously, 15 × 429, 5 verifications."""
+    gateway = await make_gateway(
+        AUTH_SERVICE_URL=auth.url, STORAGE_SERVICE_URL=upstream.url, RATE_LIMIT_REQUESTS="5",
+    )
+    codes = [
+        (await _get(gateway, authorization=b"Bearer bogus-%d" % i)).code for i in range(20)
+    ]
+    assert codes == [200] * 5 + [429] * 15
+    assert _verifications(auth) == 5
+    assert len(upstream.seen) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verified_user_keeps_its_budget_while_its_address_is_spent(make_gateway, auth, upstream):
+    """Alice, verified before her address ran dry, is served from her own budget; a new token there is 429 unverified."""
+    gateway = await make_gateway(
+        AUTH_SERVICE_URL=auth.url, STORAGE_SERVICE_URL=upstream.url,
+        RATE_LIMIT_REQUESTS="5", REQUIRE_AUTH="data",
+    )
+    alice = {"authorization": b"Bearer tok-alice"}
+    assert await _codes(gateway, 1, **alice) == [200]  # one verification, charged to the address
+    assert [(await _get(gateway, authorization=b"Bearer bogus-%d" % i)).code for i in range(5)] == (
+        [401] * 4 + [429]
+    )
+    assert await _codes(gateway, 5, **alice) == [200] * 4 + [429]  # her own budget of 5
+    assert (await _get(gateway, authorization=b"Bearer tok-bob")).code == 429
+    assert _verifications(auth) == 5
+    assert [s.header(b"x-user-id") for s in upstream.seen] == [[b"17"]] * 5
 
 
 async def _redis_gateway(make_gateway: Any, upstream: Any, redis: RedisServer, **env: str) -> Any:
