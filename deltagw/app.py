@@ -127,7 +127,7 @@ class Gateway:
     def resource(self) -> IResource:
         """The root resource to serve: the edge wrapped around the routes."""
         routed = DirectRoutes(self, self.app.resource())
-        return EdgeResource(routed, self.reactor, self.settings.trusted_proxies, self.cors)
+        return EdgeResource(routed, self.reactor, self.cors)
 
     async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
         """Run one matched route: answered here, or forwarded upstream."""

@@ -220,12 +220,17 @@ class Composer:
                 url += "?" + part.query
             calls.append((part, target, url))
         latencies: dict[str, float] = {}
-        results = await defer.gatherResults([
-            defer.Deferred.fromCoroutine(
-                self._part(part, target, url, _part_headers(headers_for(target)), latencies)
-            )
-            for part, target, url in calls
-        ], consumeErrors=True)
+        try:
+            results = await defer.gatherResults([
+                defer.Deferred.fromCoroutine(
+                    self._part(part, target, url, _part_headers(headers_for(target)), latencies)
+                )
+                for part, target, url in calls
+            ], consumeErrors=True)
+        except defer.FirstError as e:
+            # A part answers every upstream failure with a `_Failed`; what
+            # fails here is a part cancelled because its client went away.
+            e.subFailure.raiseException()
         request.log_fields["parts_latency_ms"] = latencies
 
         document: dict[str, Any] = dict(params)

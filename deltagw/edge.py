@@ -1,8 +1,9 @@
 """The edge: what every request passes before routing.
 
-Request id, CORS, client address and the check that must hold before any
-route code runs: a URL the gateway can read. (The body limit and the
-framing are checked earlier, by ``deltagw.request_framing``.)
+Trace context, CORS and the check that must hold before any route code
+runs: a URL the gateway can read. The request id and the client address
+are set with the head (`deltagw.site.GatewayRequest`); the body limit and
+the framing are checked earlier still, by ``deltagw.request_framing``.
 Rejections here are JSON like every other gateway answer.
 """
 
@@ -15,7 +16,7 @@ from twisted.web.resource import IResource, Resource
 
 from deltagw.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.headers import client_address, request_id, trace_context
+from deltagw.headers import trace_context
 from deltagw.logs import get_logger
 from deltagw.site import GatewayRequest
 from deltagw.speedups import held_writes
@@ -64,27 +65,20 @@ class EdgeResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, routed: IResource, reactor: Any, trusted_proxies: tuple[Any, ...], cors: CorsPolicy
+        self, routed: IResource, reactor: Any, cors: CorsPolicy
     ) -> None:
         super().__init__()
         self._routed = routed
         self._reactor = reactor
-        self._trusted = trusted_proxies
         self._cors = cors
 
     def render(self, request: GatewayRequest) -> Any:  # type: ignore[override]
-        request.started = self._reactor.seconds()
-        request.request_id = request_id(request.getHeader(b"x-request-id"))
         request.setHeader(b"X-Request-ID", request.request_id)
         request.trace = trace_context(
             request.requestHeaders.getRawHeaders(b"traceparent", []),
             request.requestHeaders.getRawHeaders(b"tracestate", []),
         )
         request.log_fields["trace_id"] = request.trace.trace_id.decode("ascii")
-        peer = getattr(request.getClientAddress(), "host", "-")
-        request.client_address = client_address(
-            peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []), self._trusted
-        )
         held_writes.after_sending(
             self._reactor,
             _log.msg,

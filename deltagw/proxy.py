@@ -223,7 +223,10 @@ class _BodyRelay(Protocol):
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._request.unregisterProducer()
+        if self._request.channel is not None:
+            # Not when the client has gone: twisted.web has let go of its
+            # connection, and of this producer with it.
+            self._request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -452,8 +455,6 @@ class Proxy:
                 was written (twisted.web writes the head with the first body
                 bytes), so the client can still get a clean 503.
         """
-        if response.code >= 400:
-            request.outcome = "upstream_error"
         body = response.complete_body()
         # Off the common path (a small answer that came whole): the fields
         # the gateway set itself, to answer with if the body fails.
@@ -472,17 +473,21 @@ class Proxy:
             # The usual small answer came whole with its head: no relay,
             # timer or producer is needed to pass it on.
             request.write(body)
-            return
-        relay = _BodyRelay(request, self._reactor, timeout)
-        response.deliverBody(relay)
-        try:
-            await relay.done
-        except BodyInterrupted as e:
-            request.note_upstream(service.name, started, f"body_{e.reason}")
-            if not request.startedWriting:
-                request.responseHeaders = ours
-                raise UpstreamUnavailable(service, f"body_{e.reason}") from None
-            await _abort(request)
+        else:
+            relay = _BodyRelay(request, self._reactor, timeout)
+            response.deliverBody(relay)
+            try:
+                await relay.done
+            except BodyInterrupted as e:
+                request.note_upstream(service.name, started, f"body_{e.reason}")
+                if not request.startedWriting:
+                    request.responseHeaders = ours
+                    raise UpstreamUnavailable(service, f"body_{e.reason}") from None
+                await _abort(request)
+                return
+        if response.code >= 400:
+            # Only once relayed whole: a client that leaves before is client_closed.
+            request.outcome = "upstream_error"
 
 
 _NO_RETRY = RetryPolicy(retries=0)

@@ -220,6 +220,7 @@ class RequestFramer:
         if len(lines) > MAX_FIELDS + 1:
             raise RequestRejected(431, "Too many header fields")
         version = self._request_line(lines[0])
+        self.request_line = lines[0]
         hosts: list[bytes] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []

@@ -21,6 +21,7 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
+from deltagw.headers import client_address, request_id
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
 from deltagw.request_framing import RequestFramer, RequestRejected
@@ -35,7 +36,7 @@ class GatewayRequest(server.Request):
     Attributes:
         request_id: The id sent upstream and returned to the client.
         client_address: The client as far as the gateway believes it.
-        started: ``reactor.seconds()`` when processing began.
+        started: ``reactor.seconds()`` when its head had arrived.
         route: The route template (never the raw path), for logs and metrics.
         log_fields: Extra fields for the ``outgoing_response`` event.
         outcome: Why the request ended the way it did.
@@ -52,8 +53,25 @@ class GatewayRequest(server.Request):
         self.log_fields: dict[str, Any] = {}
 
     def gotLength(self, length: int | None) -> None:
+        """The head has arrived: what the access log needs is known from here on.
+
+        twisted.web sets the method and target only once the body is in;
+        set now, a request whose client leaves during its body is logged
+        like any other.
+        """
         # In memory: the framer has bounded it by MAX_BODY_BYTES already.
         self.content = io.BytesIO()
+        channel = self.channel
+        self.site = channel.site
+        self.started = self.site.reactor.seconds()
+        self.method, self.uri, _ = channel.request_line().split(b" ", 2)
+        self.path = self.uri.split(b"?", 1)[0]
+        self.request_id = request_id(self.getHeader(b"x-request-id"))
+        self.client_address = client_address(
+            getattr(self.getClientAddress(), "host", "-"),
+            self.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+            self.site.settings.trusted_proxies,
+        )
 
     def note_upstream(self, service: str, started: float, failure: str | None) -> None:
         """Record an upstream call for the access log."""
@@ -114,6 +132,10 @@ class GatewayChannel(http.HTTPChannel):
         held_writes.adopt(self.transport)
         self._close_waiters: list[defer.Deferred[None]] = []
         self._framer = RequestFramer(self.site.settings.max_body_bytes)
+
+    def request_line(self) -> bytes:
+        """The request line of the request being received (set with its head)."""
+        return self._framer.request_line
 
     def getHost(self) -> Any:
         # twisted.web asks for every request (Request.__init__), and each

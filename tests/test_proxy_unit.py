@@ -26,6 +26,7 @@ class FakeRequest:
         self.written: list[bytes] = []
         self.producer = None
         self.upstream_notes: list[str | None] = []
+        self.channel = object()  # the client is still connected
 
     def note_upstream(self, service, started, failure):
         self.upstream_notes.append(failure)
