@@ -40,6 +40,7 @@ from deltagw.errors import (
     write_error,
 )
 from deltagw.headers import chained, forwarded_element, is_trusted_peer, upstream_request_headers
+from deltagw.http_syntax import is_host
 from deltagw.limits import RateLimits
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics, metrics_allowed
@@ -197,14 +198,19 @@ class Gateway:
 
         Built afresh per upstream call: each gets its own trace span id.
         """
-        added = self._forwarding_fields(request)
+        peer = getattr(request.getClientAddress(), "host", "-")
+        trusted_peer = is_trusted_peer(peer, self.settings.trusted_proxies)
+        added = self._forwarding_fields(request, peer, trusted_peer)
         if identity is not None:
             added += [
                 (b"X-User-ID", identity.user_id.encode("utf-8")),
                 (b"X-User-Email", identity.email.encode("utf-8")),
             ]
         return upstream_request_headers(
-            request.requestHeaders, pass_authorization=route.pass_authorization, added=added
+            request.requestHeaders,
+            pass_authorization=route.pass_authorization,
+            trusted_peer=trusted_peer,
+            added=added,
         )
 
     def _upstream_url(self, route: Route, request: Any, params: dict[str, str]) -> str:
@@ -214,21 +220,24 @@ class Gateway:
             url += "?" + query.decode("ascii")
         return url
 
-    def _forwarding_fields(self, request: Any) -> list[tuple[bytes, bytes]]:
+    def _forwarding_fields(
+        self, request: Any, peer: str, believed: bool
+    ) -> list[tuple[bytes, bytes]]:
         """X-Forwarded-*, Forwarded (RFC 7239), the request id and trace context.
 
-        A trusted proxy's own forwarding fields are continued; anyone else's
-        are replaced by what the gateway saw itself.
+        A trusted proxy's own forwarding fields are continued (a host only
+        if it is a valid one); anyone else's are replaced by what the gateway
+        saw itself. The Host seen was checked with the request head.
         """
         headers = request.requestHeaders
-        peer = getattr(request.getClientAddress(), "host", "-")
-        believed = is_trusted_peer(peer, self.settings.trusted_proxies)
         seen_proto = b"https" if request.isSecure() else b"http"
         seen_host = request.getHeader(b"host") or b""
         proto, host = seen_proto, seen_host
         if believed:
             proto = headers.getRawHeaders(b"x-forwarded-proto", [proto])[-1]
-            host = headers.getRawHeaders(b"x-forwarded-host", [host])[-1]
+            forwarded_host = headers.getRawHeaders(b"x-forwarded-host", [host])[-1]
+            if is_host(forwarded_host):
+                host = forwarded_host
         this_hop = forwarded_element(peer, seen_proto, seen_host)
         fields = [
             (

@@ -210,32 +210,49 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+_CLIENT_ADDRESS_FIELDS: frozenset[bytes] = frozenset(
+    {b"x-real-ip", b"true-client-ip", b"cf-connecting-ip", b"x-client-ip"}
+)
+"""Fields in which proxies and CDNs name the client: believed only from a trusted proxy."""
+
+
 def upstream_request_headers(
     incoming: Headers,
     *,
     pass_authorization: bool,
+    trusted_peer: bool,
     added: Iterable[tuple[bytes, bytes]],
 ) -> list[tuple[bytes, bytes]]:
     """The header fields of the request the upstream receives, as ``(name, value)`` pairs.
 
-    End-to-end fields are copied in order; hop-by-hop fields, any
-    ``X-User-*`` a client sent (identity comes only from a verified token),
-    and the fields the gateway sets itself are dropped; ``added`` is appended.
+    End-to-end fields are copied in order; ``added`` is appended. Dropped:
+    hop-by-hop fields; the fields the gateway sets itself; any ``X-User-*``
+    (identity comes only from a verified token); and, unless the peer is a
+    trusted proxy, the other fields that name the client (``X-Real-IP``,
+    ``X-Forwarded-Port``, ...). A name is judged with ``_`` read as ``-``:
+    CGI, WSGI and PHP servers read ``X_User_ID`` as ``X-User-ID``.
     """
     named = connection_named(incoming.getRawHeaders(b"connection", ()))
     out = []
     for name, values in incoming.getAllRawHeaders():
         lower = name.lower()
+        if b"_" in lower:
+            lower = lower.replace(b"_", b"-")
         if (
             is_hop_by_hop(lower, named)
             or lower in _SET_BY_GATEWAY
             or lower.startswith(b"x-user-")
             or (lower == b"authorization" and not pass_authorization)
+            or (not trusted_peer and _names_the_client(lower))
         ):
             continue
         out.extend((name, value) for value in values)
     out.extend(added)
     return out
+
+
+def _names_the_client(lower: bytes) -> bool:
+    return lower in _CLIENT_ADDRESS_FIELDS or lower.startswith(b"x-forwarded-")
 
 
 _NOTHING_NAMED: frozenset[bytes] = frozenset()

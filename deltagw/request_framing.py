@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 
-from deltagw.http_syntax import has_bare_cr, has_controls, is_token
+from deltagw.http_syntax import has_bare_cr, has_controls, is_host, is_token
 
 MAX_HEAD_BYTES = 16 * 1024
 """Largest request head (request line and fields), twisted.web's own limit."""
@@ -73,9 +73,6 @@ def _forbidden(head: bytes) -> bool:
     return has_controls(head) or has_bare_cr(head) or head.count(b"\n") != head.count(b"\r\n")
 
 
-_HOST = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z"
-)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _CHUNK_EXTENSION = re.compile(rb"(?:;[\t\x20-\x7e\x80-\xff]*)?\Z")
 _SUPPORTED_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
@@ -237,7 +234,7 @@ class RequestFramer:
                 codings.append(value)
         if len(hosts) > 1 or (not hosts and version == b"HTTP/1.1"):
             raise _bad("A request needs exactly one Host header")
-        if hosts and not _HOST.match(hosts[0]):
+        if hosts and not is_host(hosts[0]):
             raise _bad("Invalid Host header")
         if codings:
             self._chunked(codings, lengths, version)

@@ -264,6 +264,79 @@ async def test_client_identity_headers_removed(gateway, upstream):
         assert not any(k.lower().startswith(b"x-user-") for k, _ in seen.headers)
 
 
+SPOOFED = {
+    b"X_User_ID": [b"1"], b"x_user_email": [b"a@b.c"], b"X-USER-ROLE": [b"admin"],
+    b"X-Real-IP": [b"6.6.6.6"], b"X_Real_IP": [b"6.6.6.6"], b"True-Client-IP": [b"6.6.6.6"],
+    b"CF-Connecting-IP": [b"6.6.6.6"], b"X-Client-IP": [b"6.6.6.6"], b"x_client_ip": [b"6.6.6.6"],
+    b"X-Forwarded-Port": [b"1"], b"X_Forwarded_For": [b"6.6.6.6"], b"X-Forwarded-Server": [b"evil"],
+    b"Forwarded": [b"for=6.6.6.6"], b"X_Request_ID": [b"forged"], b"X-Kept": [b"yes"],
+}
+"""Fields naming the client or its identity, in the spellings CGI, WSGI and PHP read alike."""
+
+
+def _client_naming_fields(seen) -> dict[bytes, list[bytes]]:
+    normal = {}
+    for name, value in seen.headers:
+        normal.setdefault(name.lower().replace(b"_", b"-"), []).append(value)
+    return normal
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_naming_fields_removed_in_every_spelling(gateway, upstream):
+    """From an untrusted peer, no X-User-*, X-Real-IP, True-Client-IP, CF-Connecting-IP,
+    X-Client-IP, X-Forwarded-* or Forwarded of the client's reaches the upstream, `_` or `-`."""
+    response, _ = await _get(gateway, "/api/data/products", headers=SPOOFED)
+    assert response.code == 200
+    fields = _client_naming_fields(upstream.seen[-1])
+    assert fields[b"x-forwarded-for"] == [b"127.0.0.1"]
+    assert fields[b"forwarded"] == [b"for=127.0.0.1;proto=http;host=\"127.0.0.1:%d\"" % gateway.port_number]
+    assert fields[b"x-request-id"] == response.headers.getRawHeaders(b"x-request-id")
+    assert fields[b"x-kept"] == [b"yes"]
+    for name in (b"x-user-id", b"x-user-email", b"x-user-role", b"x-real-ip", b"true-client-ip",
+                 b"cf-connecting-ip", b"x-client-ip", b"x-forwarded-port", b"x-forwarded-server"):
+        assert name not in fields
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_naming_fields_kept_from_a_trusted_proxy_but_never_identity(make_gateway, upstream):
+    """A trusted proxy's X-Real-IP and X-Forwarded-Port reach the upstream; X-User-* never does."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, TRUSTED_PROXIES="127.0.0.0/8")
+    await _get(gateway, "/api/data/products", headers=SPOOFED)
+    fields = _client_naming_fields(upstream.seen[-1])
+    assert fields[b"x-real-ip"] == [b"6.6.6.6", b"6.6.6.6"]
+    assert fields[b"x-forwarded-port"] == [b"1"]
+    assert not any(name.startswith(b"x-user-") for name in fields)
+    assert fields[b"x-request-id"] != [b"forged"]
+
+
+@pytest.mark.parametrize("host", [b"api.example", b"api.example:8443", b"[2001:db8::1]:443"])
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_proxys_valid_forwarded_host_is_continued(make_gateway, upstream, host):
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, TRUSTED_PROXIES="127.0.0.0/8")
+    await _get(gateway, "/api/data/products", headers={b"Host": [b"gw"], b"X-Forwarded-Host": [host]})
+    assert upstream.seen[-1].header(b"x-forwarded-host") == [host]
+
+
+@pytest.mark.parametrize("host", [b"a b", b"evil/path", b"x:99999", b"x:123456", b"<script>", b"a@b"])
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_proxys_invalid_forwarded_host_is_replaced(make_gateway, upstream, host):
+    """Only a valid host[:port] is passed on; otherwise the Host the gateway saw."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, TRUSTED_PROXIES="127.0.0.0/8")
+    await _get(gateway, "/api/data/products", headers={b"Host": [b"gw"], b"X-Forwarded-Host": [host]})
+    assert upstream.seen[-1].header(b"x-forwarded-host") == [b"gw"]
+
+
+@pytest.mark.parametrize("host", [b"a b", b"evil/path", b"gw:99999", b"gw:123456", b"a@b", b"[::1"])
+@pytest_twisted.ensureDeferred
+async def test_an_invalid_host_is_400_and_forwards_nothing(gateway, upstream, host):
+    answer = await raw_exchange(
+        gateway.port_number, b"GET /api/data/products HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b'"Invalid Host header"' in answer
+    assert upstream.seen == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_authorization_passed_only_to_logout(gateway, upstream):
     """Only the logout route forwards the client's Authorization header."""
