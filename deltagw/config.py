@@ -126,6 +126,16 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+def _server_field(text: str) -> bytes | None:
+    """A Server field value (RFC 9110 §10.2.4), or None to send none."""
+    value = text.strip()
+    if not value:
+        return None
+    if not all(" " <= c <= "~" for c in value):
+        raise ValueError("expected printable ASCII, such as deltagw")
+    return value.encode("ascii")
+
+
 def _flag(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -209,6 +219,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("speedups", "SPEEDUPS", "1", _flag),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
+    Setting("server_field", "SERVER_HEADER", "deltagw", _server_field),
     Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
     Setting("upstream_ca_file", "UPSTREAM_CA_FILE", "", _optional_text),
     Setting("upstream_client_cert", "UPSTREAM_CLIENT_CERT", "", _optional_text),
@@ -261,6 +272,7 @@ class Settings:
     speedups: bool
     shutdown_grace: float
     metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    server_field: bytes | None
     upstream_tls_verify: bool
     upstream_ca_file: str | None
     upstream_client_cert: str | None

@@ -261,10 +261,11 @@ _NOTHING_NAMED: frozenset[bytes] = frozenset()
 def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers) -> None:
     """Copy the upstream's end-to-end response fields onto the client response.
 
-    An upstream field replaces one the server set by itself (Date, Server)
-    and repeats of a name are all kept; Vary is merged with the gateway's own.
-    Fields the gateway owns on its own responses (CORS, the request id) are
-    not taken from the upstream. The upstream client has already removed the
+    An upstream field replaces one the server set by itself (Date) and
+    repeats of a name are all kept; Vary is merged with the gateway's own.
+    Fields the gateway owns on its own responses (CORS, the request id,
+    Server: what runs the upstream is not disclosed, as nginx and Envoy
+    do) are not taken from the upstream. The upstream client has already removed the
     framing fields (Content-Length, Transfer-Encoding, Connection) and the
     fields Connection names (``deltagw.upstream``).
     """
@@ -275,6 +276,7 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
             is_hop_by_hop(lower, _NOTHING_NAMED)
             or lower.startswith(b"access-control-")
             or lower == b"x-request-id"
+            or lower == b"server"
         ):
             continue
         if lower in seen or lower == b"vary":

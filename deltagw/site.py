@@ -73,6 +73,20 @@ class GatewayRequest(server.Request):
             self.site.settings.trusted_proxies,
         )
 
+    defaultContentType = None
+    """No Content-Type is invented: twisted.web would add ``text/html``
+    to an upstream answer that has none."""
+
+    def render(self, resource: Any) -> None:
+        # twisted.web has set "Server: TwistedWeb/<version>"; the version of
+        # what runs the gateway is nobody's business (SERVER_HEADER).
+        server_field = self.site.settings.server_field
+        if server_field is None:
+            self.responseHeaders.removeHeader(b"server")
+        else:
+            self.responseHeaders.setRawHeaders(b"server", [server_field])
+        super().render(resource)
+
     def note_upstream(self, service: str, started: float, failure: str | None) -> None:
         """Record an upstream call for the access log."""
         # self.site, not self.channel.site: a client that left has already

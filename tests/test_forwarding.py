@@ -119,6 +119,38 @@ async def test_upstream_answer_returned_unchanged(gateway, upstream):
     assert b"content-encoding" not in head.lower()
 
 
+@pytest_twisted.ensureDeferred
+async def test_no_content_type_invented_and_server_is_the_gateways(make_gateway):
+    """An upstream answer without Content-Type goes out without one; its Server
+    field is not passed on, and the gateway's says deltagw with no version."""
+
+    def answer(transport, _):
+        transport.write(b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Length: 2\r\n\r\nok")
+
+    raw = listen(RawUpstream(answer))
+    try:
+        gateway = await make_gateway(STORAGE_SERVICE_URL=raw.url)
+        request = b"GET /api/data/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        head, _, body = (await raw_exchange(gateway.port_number, request)).partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert body == b"ok"
+        assert not any(line.startswith(b"content-type:") for line in lines)
+        assert [line for line in lines if line.startswith(b"server:")] == [b"server: deltagw"]
+        health = await raw_exchange(gateway.port_number, request.replace(b"/api/data/products", b"/health"))
+        assert b"\r\nServer: deltagw\r\n" in health
+    finally:
+        await raw.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_field_can_be_left_out(make_gateway, upstream):
+    """SERVER_HEADER= (empty): no Server field at all."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, SERVER_HEADER="")
+    for path in ("/api/data/products", "/health", "/nowhere"):
+        response, _ = await _get(gateway, path)
+        assert response.headers.getRawHeaders(b"server") is None, path
+
+
 @pytest.mark.parametrize("code", [400, 401, 404, 409, 422, 500, 502])
 @pytest_twisted.ensureDeferred
 async def test_upstream_error_status_passed_through(gateway, upstream, code):
