@@ -195,34 +195,46 @@ class BodyInterrupted(Exception):
         self.reason = reason
 
 
+class ClientTooSlow(Exception):
+    """The client read nothing of the answer for CLIENT_TIMEOUT."""
+
+
 @implementer(IPushProducer)
 class _BodyRelay(Protocol):
     """Writes the upstream body to the client as it arrives.
 
-    A gap longer than ``idle_timeout`` between chunks ends the relay: the
-    status line is already out, so the only honest signal left is to close
-    the client connection (see ``Proxy.forward``).
+    Two clocks, one running at a time, so that each side is blamed for its
+    own silence. While the client reads, a gap longer than
+    ``upstream_timeout`` between upstream chunks ends the relay
+    (`BodyInterrupted`). While twisted.web has paused the relay because the
+    client's connection is full, the upstream is paused too and waits; if
+    the client reads nothing for ``client_timeout``, the relay ends with
+    `ClientTooSlow`. Either way the status line is out, so the only honest
+    signal left is to close the client connection (see ``Proxy.forward``).
     """
 
-    def __init__(self, request: Any, reactor: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self, request: Any, reactor: IReactorTime, upstream_timeout: float, client_timeout: float
+    ) -> None:
         self._request = request
         self._reactor = reactor
-        self._idle_timeout = idle_timeout
+        self._upstream_timeout = upstream_timeout
+        self._client_timeout = client_timeout
         self._timer: Any = None
+        self._paused = False
         self.done: defer.Deferred[None] = defer.Deferred(self._cancelled)
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
-        self._timer = self._reactor.callLater(self._idle_timeout, self._stalled)
+        self._timer = self._reactor.callLater(self._upstream_timeout, self._upstream_stalled)
 
     def dataReceived(self, data: bytes) -> None:
-        self._request.write(data)
-        if self._timer.active():
-            self._timer.reset(self._idle_timeout)
+        self._request.write(data)  # may pause this relay at once
+        if not self._paused and self._timer.active():
+            self._timer.reset(self._upstream_timeout)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._stop_timer()
         if self._request.channel is not None:
             # Not when the client has gone: twisted.web has let go of its
             # connection, and of this producer with it.
@@ -234,17 +246,31 @@ class _BodyRelay(Protocol):
         else:
             self.done.errback(BodyInterrupted("reset"))
 
-    def _stalled(self) -> None:
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def _upstream_stalled(self) -> None:
         self.done.errback(BodyInterrupted("timeout"))
+        self.transport.stopProducing()
+
+    def _client_stalled(self) -> None:
+        self.done.errback(ClientTooSlow())
         self.transport.stopProducing()
 
     def _cancelled(self, _: defer.Deferred[None]) -> None:
         self.transport.stopProducing()
 
     def pauseProducing(self) -> None:
+        self._paused = True
+        self._stop_timer()
+        self._timer = self._reactor.callLater(self._client_timeout, self._client_stalled)
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
+        self._stop_timer()
+        self._timer = self._reactor.callLater(self._upstream_timeout, self._upstream_stalled)
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -265,6 +291,8 @@ class Proxy:
         retry: Which failed attempts are tried again, and after what pause.
         max_in_flight: Upstream calls per service beyond which new ones are
             shed (answered 503 at once) instead of queued.
+        client_timeout: Seconds a client may read nothing of an answer
+            before its connection is closed (CLIENT_TIMEOUT).
     """
 
     def __init__(
@@ -275,9 +303,11 @@ class Proxy:
         breaker_reset: float = 30.0,
         retry: RetryPolicy | None = None,
         max_in_flight: int = 256,
+        client_timeout: float = 60.0,
     ) -> None:
         self._reactor = reactor
         self._client = client
+        self._client_timeout = client_timeout
         self._retry = retry if retry is not None else RetryPolicy()
         self._max_in_flight = max_in_flight
         self.breakers: dict[str, CircuitBreaker] = {
@@ -474,10 +504,15 @@ class Proxy:
             # timer or producer is needed to pass it on.
             request.write(body)
         else:
-            relay = _BodyRelay(request, self._reactor, timeout)
+            relay = _BodyRelay(request, self._reactor, timeout, self._client_timeout)
             response.deliverBody(relay)
             try:
                 await relay.done
+            except ClientTooSlow:
+                # The client's fault, not the upstream's: no failure noted.
+                request.outcome = "client_slow"
+                await _abort(request, flush=False)  # it reads nothing to flush to
+                return
             except BodyInterrupted as e:
                 request.note_upstream(service.name, started, f"body_{e.reason}")
                 if not request.startedWriting:
@@ -596,17 +631,18 @@ def _body_of(request: Any) -> bytes | None:
     return body
 
 
-async def _abort(request: Any) -> None:
+async def _abort(request: Any, flush: bool = True) -> None:
     """Close the client connection mid-response and wait until it is gone.
 
     Finishing the response normally would tell the client a truncated body
     was complete. With a Content-Length or chunked framing the client can
     tell a body cut short by the close (RFC 9112 §8), so the bytes already
-    written go out first; without either, only an aborted connection cannot
-    be mistaken for success.
+    written go out first (unless ``flush`` is false: a client that reads
+    nothing would hold them for ever); without either, only an aborted
+    connection cannot be mistaken for success.
     """
     finished = request.notifyFinish()
-    if request.chunked or request.responseHeaders.hasHeader(b"content-length"):
+    if flush and (request.chunked or request.responseHeaders.hasHeader(b"content-length")):
         request.transport.loseConnection()
     else:
         request.transport.abortConnection()

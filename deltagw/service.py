@@ -216,6 +216,7 @@ class GatewayService(MultiService):
             breaker_reset=settings.breaker_reset,
             retry=RetryPolicy(retries=settings.retries),
             max_in_flight=settings.max_in_flight,
+            client_timeout=settings.client_timeout,
         )
         self.metrics = Metrics()
         # The gauges read the proxy's own counters when scraped.

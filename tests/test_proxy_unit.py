@@ -12,7 +12,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from deltagw.errors import UpstreamUnavailable
-from deltagw.proxy import BodyInterrupted, Proxy, _BodyRelay, failure_reason
+from deltagw.proxy import BodyInterrupted, ClientTooSlow, Proxy, _BodyRelay, failure_reason
 from deltagw.routes import STORAGE
 
 
@@ -91,7 +91,7 @@ def test_body_gap_longer_than_timeout_stops_relay():
     """A gap between body chunks longer than the timeout stops the upstream and fails the relay."""
     clock = Clock()
     request = FakeRequest()
-    relay = _BodyRelay(request, clock, 5)
+    relay = _BodyRelay(request, clock, 5, 60)
     transport = FakeTransport()
     relay.makeConnection(transport)
     assert request.producer is relay
@@ -113,7 +113,7 @@ def test_relay_completes_and_forwards_backpressure():
     """Pause/resume from the client reach the upstream; a finished body fires the relay."""
     clock = Clock()
     request = FakeRequest()
-    relay = _BodyRelay(request, clock, 5)
+    relay = _BodyRelay(request, clock, 5, 60)
     transport = FakeTransport()
     relay.makeConnection(transport)
     relay.pauseProducing()
@@ -123,10 +123,32 @@ def test_relay_completes_and_forwards_backpressure():
     assert relay.done.called and not clock.getDelayedCalls()
 
 
+def test_a_paused_relay_waits_for_the_client_not_the_upstream():
+    """Paused by a full client connection, the relay's upstream clock stops and the
+    client's runs: past CLIENT_TIMEOUT it fails with ClientTooSlow, not BodyInterrupted."""
+    clock = Clock()
+    request = FakeRequest()
+    relay = _BodyRelay(request, clock, 5, 60)
+    transport = FakeTransport()
+    relay.makeConnection(transport)
+    relay.dataReceived(b"a")
+    relay.pauseProducing()
+    clock.advance(59)
+    assert not relay.done.called and transport.calls == ["pause"]
+    relay.resumeProducing()  # the client read: the clock is the upstream's again
+    clock.advance(4)
+    relay.dataReceived(b"b")
+    relay.pauseProducing()
+    clock.advance(60)
+    assert transport.calls == ["pause", "resume", "pause", "stop"]
+    assert isinstance(_failure_of(relay.done).value, ClientTooSlow)
+    assert request.upstream_notes == []
+
+
 def test_cancelling_relay_stops_upstream():
     """A client that goes away cancels the relay, which stops the upstream body."""
     clock = Clock()
-    relay = _BodyRelay(FakeRequest(), clock, 5)
+    relay = _BodyRelay(FakeRequest(), clock, 5, 60)
     transport = FakeTransport()
     relay.makeConnection(transport)
     relay.done.addErrback(lambda f: f.trap(defer.CancelledError))
