@@ -268,7 +268,10 @@ class Gateway:
         document = openapi_document(
             ROUTES,
             self.settings.require_auth,
-            server_url(request.isSecure(), request.getHeader(b"host")),
+            server_url(
+                self.settings.public_url, request.isSecure(), request.getHeader(b"host"),
+                _authority(request.getHost()),
+            ),
         )
         return json_response(request, document)
 
@@ -414,6 +417,12 @@ class DirectRoutes(Resource):
         if body:
             request.write(body)
         request.finish()
+
+
+def _authority(address: Any) -> str:
+    """``host:port`` of a listening address, an IPv6 host in brackets."""
+    host = getattr(address, "host", "")
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
 
 
 def _route_handler(route: Route) -> Any:

@@ -69,6 +69,16 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _public_url(text: str) -> str | None:
+    """Where clients reach the gateway (``https://api.example.com``), or None."""
+    if not text.strip():
+        return None
+    url = _url(text.strip())
+    if urlsplit(url).path:
+        raise ValueError("expected a URL without a path, such as https://api.example.com")
+    return url
+
+
 class _NoReactor:
     """Stands in for the reactor while an endpoint string is only parsed.
 
@@ -182,6 +192,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("port", "PORT", "8000", _endpoint, "port",
             "Port number or Twisted endpoint (tcp:8000:interface=127.0.0.1, ssl:..., systemd:...)."),
+    Setting("public_url", "PUBLIC_URL", "", _public_url),
     Setting("service_name", "SERVICE_NAME", "api-gateway", _text, "service-name",
             "Name reported by /health."),
     Setting("auth_url", "AUTH_SERVICE_URL", "http://auth:8001", _url, "auth-url",
@@ -239,6 +250,7 @@ class Settings:
     """
 
     port: str
+    public_url: str | None
     service_name: str
     auth_url: str
     storage_url: str

@@ -71,7 +71,10 @@ _INITIALIZER = """window.onload = function () {{
     deepLinking: true,
     presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
     plugins: [SwaggerUIBundle.plugins.DownloadUrl],
-    layout: "StandaloneLayout"
+    layout: "StandaloneLayout",
+    // Else Swagger UI sends the document's URL to validator.swagger.io
+    // whenever the page is not on localhost: nothing leaves the gateway.
+    validatorUrl: null
   }});
 }};
 """

@@ -19,7 +19,6 @@ The document is OpenAPI 3.0.3 rather than 3.1: the bundled Swagger UI (4.x,
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -469,20 +468,6 @@ def _operation(route: Route, operation_id: str, require_auth: frozenset[str]) ->
     return operation
 
 
-def _variants(route: Route) -> list[tuple[str, str]]:
-    """(public path, operationId) for each prefix the route is served under."""
-    if not route.versioned:
-        return [(route.path, route.name)]
-    variants = []
-    for prefix in API_PREFIXES:
-        if prefix == API_PREFIXES[0]:
-            suffix = ""
-        else:
-            suffix = "_" + re.sub(r"\W", "_", prefix.rstrip("/").rsplit("/", 1)[-1])
-        variants.append((prefix + route.path, route.name + suffix))
-    return variants
-
-
 def openapi_document(
     routes: Sequence[Route], require_auth: frozenset[str], server_url: str
 ) -> dict[str, Any]:
@@ -493,8 +478,8 @@ def openapi_document(
         require_auth: Groups that REQUIRE_AUTH puts behind a token; it
             decides which operations require ``bearerAuth`` and list 401.
         server_url: Base URL clients reach the gateway at, without a path
-            (``https://api.example.com``), normally built from the request's
-            scheme and Host.
+            (``https://api.example.com``), or ``/`` for the document's own
+            origin (see `server_url`).
 
     Returns:
         A JSON-serialisable dict.
@@ -509,14 +494,15 @@ def openapi_document(
     for route in routes:
         if route.group not in used_groups:
             used_groups.append(route.group)
-        for path, operation_id in _variants(route):
-            method = route.method.lower()
-            if method in paths.get(path, {}):
-                raise ValueError(f"{route.method} {path} is in the route table twice")
-            if operation_id in operation_ids:
-                raise ValueError(f"operationId {operation_id!r} is not unique")
-            operation_ids.add(operation_id)
-            paths.setdefault(path, {})[method] = _operation(route, operation_id, require_auth)
+        # Each row once, under its first prefix; the /api/v1 alias is
+        # named in the description rather than listed twice.
+        path, method = route.template, route.method.lower()
+        if method in paths.get(path, {}):
+            raise ValueError(f"{route.method} {path} is in the route table twice")
+        if route.name in operation_ids:
+            raise ValueError(f"operationId {route.name!r} is not unique")
+        operation_ids.add(route.name)
+        paths.setdefault(path, {})[method] = _operation(route, route.name, require_auth)
 
     ordered_groups = [g for g in TAGS if g in used_groups] + [g for g in used_groups if g not in TAGS]
     tags = []
@@ -533,7 +519,8 @@ def openapi_document(
             "version": __version__,
             "description": (
                 "The single entry point of the DeltaStream platform. Every /api route is "
-                "also served under /api/v1. Upstream answers (status, body, end-to-end "
+                "also served under /api/v1 (the same operation: replace the /api prefix "
+                "with /api/v1). Upstream answers (status, body, end-to-end "
                 "headers) are relayed unchanged; the gateway's own errors are JSON "
                 '`{"error": "..."}`. A known path with the wrong method answers 405 with '
                 "an `Allow` header; OPTIONS answers CORS preflights."
@@ -546,21 +533,18 @@ def openapi_document(
     })
 
 
-_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+def server_url(public_url: str | None, secure: bool, host: bytes | None, local: str) -> str:
+    """The ``servers`` URL of the document served for one request.
 
-
-def server_url(secure: bool, host: bytes | None) -> str:
-    """The ``servers`` URL for a request that arrived with this scheme and Host.
-
-    The Host header is the client's, so it is used only when it is shaped
-    like a host (name, IPv4 or bracketed IPv6, optional port); otherwise the
-    relative URL ``/`` (same origin as the document) is returned, which is
-    always right for Swagger UI served by the same gateway.
+    PUBLIC_URL when it is set. Otherwise the request's Host only when it
+    names the address the connection arrived at (``local``, as
+    ``host:port``): any other Host is the client's to invent, and would be
+    reflected into a document a cache may keep and give to others. Else
+    ``/``, the document's own origin, which is always right for Swagger UI
+    served by the same gateway.
     """
-    try:
-        text = (host or b"").decode("ascii")
-    except UnicodeDecodeError:
-        return "/"
-    if not _HOST.match(text):
-        return "/"
-    return f"{'https' if secure else 'http'}://{text}"
+    if public_url is not None:
+        return public_url
+    if host is not None and host.decode("ascii", "replace") == local:
+        return f"{'https' if secure else 'http'}://{local}"
+    return "/"

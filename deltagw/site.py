@@ -8,7 +8,9 @@ so a body that reaches a request is one the gateway accepts.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.web import http, server
@@ -73,6 +75,35 @@ class GatewayRequest(server.Request):
             self.site.settings.trusted_proxies,
         )
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        """An absolute-form target (RFC 9112 §3.2.2) naming the gateway itself is read as
+        origin-form, its authority as the Host; one naming any other host is left as it
+        is, which no route matches (404): the gateway is no forward proxy."""
+        if not path.startswith(b"/"):
+            path = self._origin_form(path)
+        super().requestReceived(command, path, version)
+
+    def _origin_form(self, target: bytes) -> bytes:
+        found = _ABSOLUTE_FORM.match(target)
+        if found is None:
+            return target
+        scheme, authority, rest = found.group(1).lower(), found.group(2).lower(), found.group(3)
+        own = {_without_default_port(scheme, a) for a in self._own_authorities()}
+        if _without_default_port(scheme, authority) not in own:
+            return target
+        self.requestHeaders.setRawHeaders(b"host", [authority])
+        return rest if rest.startswith(b"/") else b"/" + rest
+
+    def _own_authorities(self) -> list[bytes]:
+        """PUBLIC_URL's authority, and the address the connection arrived at."""
+        local = self.getHost()
+        host = getattr(local, "host", "")
+        own = [(f"[{host}]" if ":" in host else host).encode() + b":%d" % getattr(local, "port", 0)]
+        public_url = self.site.settings.public_url
+        if public_url is not None:
+            own.append(urlsplit(public_url).netloc.lower().encode("ascii"))
+        return own
+
     defaultContentType = None
     """No Content-Type is invented: twisted.web would add ``text/html``
     to an upstream answer that has none."""
@@ -108,6 +139,15 @@ class GatewayRequest(server.Request):
             self.outcome = self.outcome or "client_closed"
             self.site.log(self, status=499)
         super().connectionLost(reason)
+
+
+_ABSOLUTE_FORM = re.compile(rb"(?i:(https?))://([^/?#]*)(.*)\Z", re.DOTALL)
+_DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
+
+
+def _without_default_port(scheme: bytes, authority: bytes) -> bytes:
+    port = _DEFAULT_PORTS[scheme]
+    return authority[: -len(port)] if authority.endswith(port) else authority
 
 
 def _raw_error(status: int, message: str) -> bytes:

@@ -539,3 +539,35 @@ async def test_no_accept_encoding_invented(gateway, upstream):
         gateway.port_number, b"GET /api/data/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert upstream.seen[-1].header(b"accept-encoding") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_naming_the_gateway_is_served(make_gateway, upstream):
+    """RFC 9112 §3.2.2: an absolute-form target naming the gateway (its address, or
+    PUBLIC_URL's host) is served; its authority replaces the Host."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, PUBLIC_URL="https://api.example.com")
+    own = b"127.0.0.1:%d" % gateway.port_number
+    for target, authority in [
+        (b"http://" + own + b"/api/data/products?x=1", own),
+        (b"HTTPS://api.example.com:443/api/data/products?x=1", b"api.example.com:443"),
+    ]:
+        answer = await raw_exchange(
+            gateway.port_number,
+            b"GET " + target + b" HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:100]
+        assert upstream.seen[-1].uri == b"/products?x=1"
+        assert upstream.seen[-1].header(b"x-forwarded-host") == [authority]
+
+
+@pytest.mark.parametrize("target", [
+    b"http://evil.example/api/data/products", b"http://127.0.0.1:1/api/data/products",
+    b"ftp://127.0.0.1/api/data/products",
+])
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_naming_another_host_is_404_and_never_forwarded(gateway, upstream, target):
+    answer = await raw_exchange(
+        gateway.port_number, b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert upstream.seen == []

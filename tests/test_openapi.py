@@ -86,26 +86,28 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(json.loads(json.dumps(document)), document)
 
     def test_every_klein_route_is_documented_and_vice_versa(self) -> None:
-        """The document and the Klein routes list the same (path, method) pairs."""
+        """The document lists the Klein routes, each once: those under /api/v1 are its alias."""
         klein, branches = _klein_operations()
         documented = set(_operations(_document()))
         self.assertTrue(klein)
-        self.assertEqual(klein, documented)
+        self.assertEqual({(path, m) for path, m in klein if not path.startswith("/api/v1/")}, documented)
+        self.assertEqual(
+            {(path, m) for path, m in klein if path.startswith("/api/v1/")},
+            {("/api/v1" + path[len("/api"):], m) for path, m in documented if path.startswith("/api/")},
+        )
         for base in branches:
-            self.assertIn(base, _document()["paths"])
+            if not base.startswith("/api/v1/"):
+                self.assertIn(base, _document()["paths"])
 
-    def test_every_route_is_served_under_both_prefixes(self) -> None:
-        """Each /api operation has an /api/v1 twin with an operationId ending in _v1."""
-        operations = _operations(_document())
+    def test_each_route_is_listed_once_and_the_alias_is_named(self) -> None:
+        """15 rows, 15 operations, each under its /api path; /api/v1 is named in the description."""
+        document = _document()
+        operations = _operations(document)
+        self.assertEqual(len(operations), len(ROUTES))
         for route in ROUTES:
-            method = route.method.lower()
-            if not route.versioned:
-                self.assertEqual(operations[(route.path, method)]["operationId"], route.name)
-                continue
-            self.assertEqual(operations[("/api" + route.path, method)]["operationId"], route.name)
-            self.assertEqual(
-                operations[("/api/v1" + route.path, method)]["operationId"], route.name + "_v1"
-            )
+            self.assertEqual(operations[(route.template, route.method.lower())]["operationId"], route.name)
+        self.assertFalse([path for path in document["paths"] if path.startswith("/api/v1")])
+        self.assertIn("also served under /api/v1", document["info"]["description"])
 
     def test_operation_ids_are_unique(self) -> None:
         """No two operations share an operationId."""
@@ -129,7 +131,7 @@ class DocumentTests(SynchronousTestCase):
         """{product} is a required string path parameter; the table's query params are listed."""
         operations = _operations(_document())
         for route in ROUTES:
-            for path in route.public_paths:
+            for path in [route.template]:
                 parameters = operations[(path, route.method.lower())].get("parameters", [])
                 path_params = {p["name"]: p for p in parameters if p["in"] == "path"}
                 self.assertEqual(set(path_params), set(route.params))
@@ -148,7 +150,7 @@ class DocumentTests(SynchronousTestCase):
     def test_request_bodies(self) -> None:
         """register needs email, password (8+) and name; login email and password."""
         operations = _operations(_document())
-        for prefix in ("/api", "/api/v1"):
+        for prefix in ("/api",):
             register = operations[(prefix + "/auth/register", "post")]["requestBody"]
             schema = register["content"]["application/json"]["schema"]
             self.assertEqual(sorted(schema["required"]), ["email", "name", "password"])
@@ -190,7 +192,7 @@ class DocumentTests(SynchronousTestCase):
             operations = _operations(_document(require_auth))
             for route in ROUTES:
                 policy = auth_policy(route, require_auth)
-                for path in route.public_paths:
+                for path in [route.template]:
                     security = operations[(path, route.method.lower())]["security"]
                     if policy == REQUIRED or route.pass_authorization:
                         self.assertEqual(security, [{BEARER: []}], (path, require_auth))
@@ -218,7 +220,7 @@ class DocumentTests(SynchronousTestCase):
         operations = _operations(_document(require_auth, routes=EXTENDED))
         for route in EXTENDED:
             policy = auth_policy(route, require_auth)
-            for path in route.public_paths:
+            for path in [route.template]:
                 responses = operations[(path, route.method.lower())]["responses"]
                 where = f"{route.method} {path}"
                 self.assertEqual("404" in responses, bool(route.params) or route.name == "metrics",
@@ -254,7 +256,7 @@ class DocumentTests(SynchronousTestCase):
         expected = {"auth": "Authentication", "data": "Data", "analytics": "Analytics",
                     "user": "User", "meta": "Meta"}
         for route in EXTENDED:
-            for path in route.public_paths:
+            for path in [route.template]:
                 self.assertEqual(operations[(path, route.method.lower())]["tags"],
                                  [expected[route.group]])
         self.assertEqual([t["name"] for t in document["tags"]], list(expected.values()))
@@ -378,19 +380,28 @@ class SwaggerUITests(SynchronousTestCase):
 
 
 class ServerURLTests(SynchronousTestCase):
-    def test_scheme_and_host(self) -> None:
-        """The URL is the request's scheme and Host, port included."""
+    def test_public_url_wins(self) -> None:
+        """PUBLIC_URL, when set, whatever the Host."""
         from deltagw.openapi import server_url
 
-        self.assertEqual(server_url(False, b"localhost:8000"), "http://localhost:8000")
-        self.assertEqual(server_url(True, b"api.example.com"), "https://api.example.com")
-        self.assertEqual(server_url(False, b"[::1]:8000"), "http://[::1]:8000")
-        self.assertEqual(server_url(False, b"127.0.0.1"), "http://127.0.0.1")
+        self.assertEqual(
+            server_url("https://api.example.com", False, b"evil.example", "127.0.0.1:8000"),
+            "https://api.example.com",
+        )
 
-    def test_odd_host_falls_back_to_relative(self) -> None:
-        """A missing or malformed Host gives "/" instead of echoing it."""
+    def test_host_only_when_it_names_the_listening_address(self) -> None:
+        """The request's scheme and Host when the Host is the address it arrived at."""
         from deltagw.openapi import server_url
 
-        for host in (None, b"", b"evil.com/path", b"a b", b'x"y', b"h\xc3\xa9", b"host:port"):
-            self.assertEqual(server_url(False, host), "/", host)
+        self.assertEqual(server_url(None, False, b"127.0.0.1:8000", "127.0.0.1:8000"),
+                         "http://127.0.0.1:8000")
+        self.assertEqual(server_url(None, True, b"[::1]:8443", "[::1]:8443"), "https://[::1]:8443")
+
+    def test_any_other_host_gives_the_relative_url(self) -> None:
+        """A Host the client invented is never reflected: "/" instead."""
+        from deltagw.openapi import server_url
+
+        for host in (None, b"", b"evil.example", b"evil.example:8000", b"127.0.0.1:9999",
+                     b"evil.com/path", b"a b", b'x"y', b"h\xc3\xa9", b"host:port"):
+            self.assertEqual(server_url(None, False, host, "127.0.0.1:8000"), "/", host)
         validate(openapi_document(ROUTES, frozenset(), "/"))

@@ -15,16 +15,28 @@ def _series(text: str, name: str) -> list[str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_docs_served_with_servers_from_request(gateway):
-    """/api/docs and /api/v1/docs serve a valid document whose server is this Host."""
+async def test_docs_never_reflect_an_invented_host(gateway):
+    """/api/docs and /api/v1/docs serve a valid document, each route once; a Host that is not
+    the listening address is not reflected (servers is "/"), the listening address is."""
     for path in ("/api/docs", "/api/v1/docs"):
-        response = await gateway.get(path, headers={b"Host": [b"api.example:8443"]})
+        response = await gateway.get(path, headers={b"Host": [b"evil.example"]})
         document = json.loads(await response.content())
         validate(document)
-        assert document["servers"] == [{"url": "http://api.example:8443"}]
+        assert document["servers"] == [{"url": "/"}]
+    assert len([op for item in document["paths"].values() for op in item]) == 15
     documented = set(document["paths"])
     served = {rule.rule.replace("<", "{").replace(">", "}") for rule in Gateway.app.url_map.iter_rules()}
     assert documented <= served
+    own = f"127.0.0.1:{gateway.port_number}"
+    response = await gateway.get("/api/docs", headers={b"Host": [own.encode()]})
+    assert json.loads(await response.content())["servers"] == [{"url": f"http://{own}"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_docs_servers_from_public_url(make_gateway, upstream):
+    gateway = await make_gateway(PUBLIC_URL="https://api.example.com")
+    response = await gateway.get("/api/docs", headers={b"Host": [b"evil.example"]})
+    assert json.loads(await response.content())["servers"] == [{"url": "https://api.example.com"}]
 
 
 @pytest_twisted.ensureDeferred
@@ -34,7 +46,8 @@ async def test_swagger_ui_served_offline(gateway):
     html = (await page.content()).decode()
     assert page.code == 200 and "https://" not in html and "http://" not in html
     initializer = await gateway.get("/api/docs/ui/swagger-initializer.js")
-    assert "/api/docs" in (await initializer.content()).decode()
+    script = (await initializer.content()).decode()
+    assert "/api/docs" in script and "validatorUrl: null" in script
     bundle = await gateway.get("/api/docs/ui/swagger-ui-bundle.js")
     assert bundle.code == 200 and len(await bundle.content()) > 100_000
 
