@@ -36,5 +36,5 @@ setup(
             "hypothesis==6.170.27",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["deltagw = deltagw.__main__:main"]},
 )

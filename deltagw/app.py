@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
+from deltagw import __version__
 from deltagw.auth import Identity
 from deltagw.authentication import Authenticator
 from deltagw.bff import Composer
@@ -254,7 +255,9 @@ class Gateway:
         return fields
 
     def _health(self, request: Any, identity: Identity | None) -> bytes:
-        return json_response(request, {"status": "healthy", "service": self.settings.service_name})
+        return json_response(request, {
+            "status": "healthy", "service": self.settings.service_name, "version": __version__,
+        })
 
     def _health_ready(self, request: Any, identity: Identity | None) -> bytes:
         status, document = self.readiness()

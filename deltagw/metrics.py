@@ -22,9 +22,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import generate_latest
 
+from deltagw import __version__
 from deltagw.routes import ROUTES, SERVICES, Route, Service
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -104,6 +113,13 @@ class Metrics:
             "deltagw_upstream_in_flight", "Upstream calls in progress.",
             ("service",), registry=self.registry,
         )
+        # Which deltagw runs, and the standard process_* series (memory,
+        # CPU seconds, open and max file descriptors) of this process.
+        Info("deltagw_build", "The deltagw version serving.", registry=self.registry).info(
+            {"version": __version__}
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)

@@ -193,8 +193,9 @@ SUCCESS: dict[str, Success] = {
     ),
     "health": Success(
         "The gateway process is serving.",
-        _object({"status": {"type": "string", "enum": ["healthy"]}, "service": _STRING},
-                required=("status", "service"), loose=False),
+        _object({"status": {"type": "string", "enum": ["healthy"]}, "service": _STRING,
+                 "version": {"type": "string", "description": "The deltagw version serving."}},
+                required=("status", "service", "version"), loose=False),
     ),
     "health_ready": Success(
         "The gateway is ready to serve traffic.",

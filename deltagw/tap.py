@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.service import Application, IService
 from twisted.python import usage
 
+from deltagw import __version__
 from deltagw.config import SETTINGS, ConfigError
 from deltagw.logs import configure_structlog
 
@@ -37,6 +38,21 @@ class Options(usage.Options):
          "TOML file of settings (named like the environment variables, which "
          "beat it); read again on SIGHUP."],
     ]
+
+
+    def opt_version(self) -> None:
+        """Print the version of deltagw (and of what runs it), and exit."""
+        print(version_line())
+        raise SystemExit(0)
+
+
+def version_line() -> str:
+    """``deltagw 0.1.0 (Twisted 26.10.0, Python 3.11.7)``."""
+    import platform
+
+    import twisted
+
+    return f"deltagw {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
 
 
 def service_or_exit(

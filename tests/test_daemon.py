@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.plugin import getPlugins
 from twisted.web.server import NOT_DONE_YET
+
+from deltagw import __version__
 
 from tests.daemon import TWISTD, Daemon, parse_json_lines
 from tests.support import wait_until
@@ -66,6 +69,19 @@ def test_bad_setting_stops_startup_with_one_line(env, setting):
     assert len(lines) == 1 and setting in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    "command",
+    [[TWISTD, "-n", "deltagw", "--version"], [sys.executable, "-m", "deltagw", "--version"],
+     [str(Path(sys.executable).parent / "deltagw"), "--version"]],
+    ids=["twistd", "python-m", "console-command"],
+)
+def test_version_is_deltagws(command):
+    """Each way of asking prints deltagw's own version, and exits 0."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deltagw {__version__} (Twisted ")
+
+
 def test_bad_option_names_the_option():
     """A bad --storage-url names the option, not the variable it beat."""
     result = subprocess.run(
@@ -92,7 +108,7 @@ async def test_twistd_serves_proxies_and_logs_json_lines(upstream):
     try:
         port = await daemon.port()
         health = await treq.get(f"http://127.0.0.1:{port}/health")
-        assert json.loads(await health.content()) == {"status": "healthy", "service": "gw-under-test"}
+        assert json.loads(await health.content()) == {"status": "healthy", "service": "gw-under-test", "version": __version__}
         proxied = await treq.get(f"http://127.0.0.1:{port}/api/data/products?limit=5")
         assert proxied.code == 200
         await proxied.content()

@@ -7,6 +7,8 @@ import json
 import pytest
 import pytest_twisted
 
+from deltagw import __version__
+
 from tests.support import RawUpstream, listen, raw_exchange
 
 
@@ -438,7 +440,7 @@ async def test_health(gateway, upstream):
     """/health answers the seed's liveness document without an upstream."""
     response, body = await _get(gateway, "/health")
     assert response.code == 200
-    assert json.loads(body) == {"status": "healthy", "service": "api-gateway"}
+    assert json.loads(body) == {"status": "healthy", "service": "api-gateway", "version": __version__}
     assert upstream.seen == []
 
 

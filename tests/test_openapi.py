@@ -165,7 +165,7 @@ class DocumentTests(SynchronousTestCase):
         operations = _operations(_document())
         health = operations[("/health", "get")]["responses"]["200"]
         schema = health["content"]["application/json"]["schema"]
-        self.assertEqual(sorted(schema["required"]), ["service", "status"])
+        self.assertEqual(sorted(schema["required"]), ["service", "status", "version"])
         me = operations[("/api/user/me", "get")]["responses"]["200"]
         schema = me["content"]["application/json"]["schema"]
         self.assertEqual(sorted(schema["properties"]), ["email", "user_id"])

@@ -7,6 +7,7 @@ import json
 import pytest_twisted
 from openapi_spec_validator import validate
 
+from deltagw import __version__
 from deltagw.app import Gateway
 
 
@@ -70,6 +71,18 @@ async def test_random_paths_do_not_grow_series(gateway, upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_say_which_deltagw_and_how_the_process_fares(gateway):
+    """deltagw_build_info carries the version; the standard process_* series are there."""
+    text = (await (await gateway.get("/metrics")).content()).decode()
+    assert f'deltagw_build_info{{version="{__version__}"}} 1.0' in text.splitlines()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                 "process_open_fds", "process_max_fds", "python_info"):
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    health = json.loads(await (await gateway.get("/health")).content())
+    assert health["version"] == __version__
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_restricted_by_allow_list(make_gateway):
     """With METRICS_ALLOW, a client outside it gets 404 and nothing else changes."""
     gateway = await make_gateway(METRICS_ALLOW="10.0.0.0/8")
@@ -79,3 +92,18 @@ async def test_metrics_restricted_by_allow_list(make_gateway):
     allowed = await make_gateway(METRICS_ALLOW="127.0.0.0/8")
     response = await allowed.get("/metrics")
     assert response.code == 200 and b"deltagw_http_requests_total" in await response.content()
+
+
+def test_readme_route_table_lists_every_route():
+    """README's route table names every row of the route table, by method and path."""
+    from pathlib import Path
+
+    from deltagw.routes import ROUTES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = [line for line in readme.split("## Routes", 1)[1].splitlines() if line.startswith("| ")]
+    for route in ROUTES:
+        assert any(
+            line.startswith(f"| {route.method} | ") and route.template in line.split("|")[2]
+            for line in table
+        ), route.template
