@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
+from deltagw.logs import LEVELS
+
 
 GUARDABLE_GROUPS = frozenset({"data", "analytics"})
 """Route groups that REQUIRE_AUTH may put behind a token."""
@@ -146,6 +148,13 @@ def _server_field(text: str) -> bytes | None:
     return value.encode("ascii")
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LEVELS:
+        raise ValueError(f"expected one of {', '.join(LEVELS)}")
+    return level
+
+
 def _flag(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -230,6 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("speedups", "SPEEDUPS", "1", _flag),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
+    Setting("log_level", "LOG_LEVEL", "info", _log_level),
     Setting("server_field", "SERVER_HEADER", "deltagw", _server_field),
     Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
     Setting("upstream_ca_file", "UPSTREAM_CA_FILE", "", _optional_text),
@@ -284,6 +294,7 @@ class Settings:
     speedups: bool
     shutdown_grace: float
     metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    log_level: str
     server_field: bytes | None
     upstream_tls_verify: bool
     upstream_ca_file: str | None

@@ -21,6 +21,7 @@ import structlog
 import structlog.twisted
 from twisted.application.internet import TimerService
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 
@@ -62,8 +63,22 @@ def add_to_every_line(fields: Mapping[str, Any]) -> None:
     _every_line.update(fields)
 
 
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+"""The levels of a line, in order (LOG_LEVEL names the least one written)."""
+
+_least_level = LEVELS["info"]
+
+
+def set_least_level(name: str) -> None:
+    """Write only lines of level ``name`` or above (LOG_LEVEL)."""
+    global _least_level
+    _least_level = LEVELS[name]
+
+
 def _add_level_and_timestamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    event.setdefault("level", _LEVEL_OF_METHOD.get(method, method))
+    level = event.setdefault("level", _LEVEL_OF_METHOD.get(method, method))
+    if LEVELS.get(level, 20) < _least_level:
+        raise structlog.DropEvent
     event["timestamp"] = _now()
     for key, value in _every_line.items():
         event.setdefault(key, value)
@@ -135,6 +150,8 @@ FLUSH_INTERVAL = 0.05
 """Seconds a line may wait for its batch (`LogFlusher`)."""
 
 _observers: WeakSet[JSONLinesObserver] = WeakSet()
+_batching = True
+"""Whether lines wait for their batch (until the process starts stopping)."""
 
 
 @implementer(ILogObserver)
@@ -157,11 +174,16 @@ class JSONLinesObserver:
         if event.get("_structlog"):
             line = str(event["message"][0])
         else:
-            line = _dumps(_plain_event(event))
+            document = _plain_event(event)
+            if LEVELS.get(document["level"], 20) < _least_level:
+                return
+            line = _dumps(document)
         if self._size + len(line) >= BATCH_BYTES:
             self.flush()
         self._lines.append(line + "\n")
         self._size += len(line) + 1
+        if not _batching:
+            self.flush()
 
     def flush(self) -> None:
         """Write the lines waiting in the batch."""
@@ -190,7 +212,15 @@ class LogFlusher(TimerService):
         self.clock = reactor
 
     def stopService(self) -> Any:
+        """Flush, and write each line at once from now on.
+
+        The process is stopping: twistd logs its last lines after the
+        reactor has stopped, and a process ended by SIGINT re-raises the
+        signal, so no exit handler would write a batch they waited in.
+        """
+        global _batching
         result = super().stopService()
+        _batching = False
         flush_all()
         return result
 
@@ -199,7 +229,7 @@ def _plain_event(event: dict[str, Any]) -> dict[str, Any]:
     level = event.get("log_level", LogLevel.info)
     document: dict[str, Any] = {
         "event": formatEvent(event) or event.get("log_format") or "",
-        "level": getattr(level, "name", str(level)),
+        "level": "warning" if level is LogLevel.warn else getattr(level, "name", str(level)),
         "timestamp": _timestamp(event.get("log_time", 0.0)),
         "system": event.get("log_system", event.get("system", "-")),
     }
@@ -212,7 +242,29 @@ def _plain_event(event: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def observer() -> JSONLinesObserver:
-    """The stdout observer; usable as ``twistd --logger=deltagw.logs.observer``."""
+def observer(stream: IO[str] | None = None) -> JSONLinesObserver:
+    """The observer writing to ``stream`` (stdout by default); usable as
+    ``twistd --logger=deltagw.logs.observer``."""
     configure_structlog()
-    return JSONLinesObserver(sys.stdout)
+    return JSONLinesObserver(sys.stdout if stream is None else stream)
+
+
+def log_stream(twistd_options: Mapping[str, Any]) -> IO[str] | None:
+    """Where twistd's own options say the log goes: None for stdout, else a file.
+
+    As twistd would: ``--logfile=PATH`` (rotated by size like twistd's own),
+    and ``twistd.log`` for a daemon without one (its stdout is gone).
+
+    Raises:
+        SystemExit: ``--syslog``, which would turn JSON lines into syslog
+            text; under systemd, journald collects stdout.
+    """
+    if twistd_options.get("syslog"):
+        raise SystemExit(
+            "deltagw: --syslog is not supported: deltagw writes JSON lines to stdout "
+            "(journald collects them under systemd) or to --logfile"
+        )
+    path = twistd_options.get("logfile")
+    if path == "-" or (not path and twistd_options.get("nodaemon", True)):
+        return None
+    return LogFile.fromFullPath(path or "twistd.log")  # type: ignore[return-value]

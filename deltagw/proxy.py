@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from deltagw.breaker import HALF_OPEN, CircuitBreaker, CircuitOpen, is_failure_status
+from deltagw.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.errors import UpstreamUnavailable
 from deltagw.headers import copy_response_headers
 from deltagw.logs import get_logger
@@ -614,7 +614,8 @@ def _was_cancelled(failure: Failure) -> bool:
 
 def _log_transition(service: str, old: str, new: str) -> None:
     """Log a breaker's state change (the breaker calls this once per change)."""
-    _log.msg("circuit_breaker", service=service, previous_state=old, state=new)
+    _log.msg("circuit_breaker", service=service, previous_state=old, state=new,
+             level="warning" if new == OPEN else "info")
 
 
 def _body_of(request: Any) -> bytes | None:

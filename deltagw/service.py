@@ -9,7 +9,7 @@ the limiter and the pool those requests use still work; then the rest.
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import IO, Any
 
 from treq.client import HTTPClient
 from twisted.application.service import IServiceCollection, MultiService, Service
@@ -25,7 +25,7 @@ from deltagw.authentication import Authenticator
 from deltagw.config import ConfigError, Settings
 from deltagw.drain import DrainService, RequestTracker
 from deltagw.limits import RateLimits
-from deltagw.logs import LogFlusher, get_logger, observer
+from deltagw.logs import LogFlusher, get_logger, observer, set_least_level
 from deltagw.metrics import Metrics
 from deltagw.proxy import Proxy, UpstreamClient
 from deltagw.retry import RetryPolicy
@@ -292,6 +292,7 @@ class GatewayService(MultiService):
         self.site.timeOut = settings.client_timeout
         if self.busy_poll is not None:
             self.busy_poll.microseconds = settings.busy_poll_us
+        set_least_level(settings.log_level)
         self.settings = settings
 
     def startService(self) -> None:
@@ -318,8 +319,9 @@ class RootService(MultiService):
     """The top of the tree twistd runs: the gateway, and the demo backends
     when asked for; it also writes the batched log lines (`LogFlusher`)."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, log_stream: IO[str] | None = None) -> None:
         super().__init__()
+        self._log_stream = log_stream
         # Not a child: children stop all at once, and the log lines of a
         # drain must keep flowing until the last child has stopped.
         self._log_flusher = LogFlusher(reactor)
@@ -343,5 +345,5 @@ class RootService(MultiService):
         extra flags.
         """
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
-            parent.setComponent(ILogObserver, observer())
+            parent.setComponent(ILogObserver, observer(self._log_stream))
         super().setServiceParent(parent)

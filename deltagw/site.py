@@ -163,6 +163,25 @@ def _raw_error(status: int, message: str) -> bytes:
 _TIMEOUT_RESPONSE = _raw_error(408, "Request not received in time")
 
 
+_WARNING_OUTCOMES = frozenset({
+    "circuit_open", "shed", "auth_unavailable", "rate_limiter_unavailable", "upstream_all_failed",
+})
+"""Outcomes that say a part of the platform is failing, besides ``upstream_*``."""
+
+
+def _level_of(outcome: str, status: int) -> str:
+    """The level of an access log line: a gateway bug is an error; an upstream
+    failing, shedding or an open circuit a warning; the rest, client errors
+    included, info (they say nothing about the platform's health)."""
+    if outcome == "internal_error":
+        return "error"
+    if outcome in _WARNING_OUTCOMES or (
+        outcome.startswith("upstream_") and (outcome != "upstream_error" or status >= 500)
+    ):
+        return "warning"
+    return "info"
+
+
 class GatewayChannel(http.HTTPChannel):
     """An HTTP channel that reads requests strictly and answers refusals in JSON.
 
@@ -353,6 +372,7 @@ class GatewaySite(server.Site):
             self.metrics.observe_request(request.route, request.method, status, latency)
         _access_log.msg(
             "outgoing_response",
+            level=_level_of(outcome, status),
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),
             route=request.route,

@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from deltagw import __version__
 from deltagw.config import SETTINGS, ConfigError
-from deltagw.logs import configure_structlog
+from deltagw.logs import configure_structlog, log_stream, set_least_level
 
 
 class Options(usage.Options):
@@ -56,7 +56,10 @@ def version_line() -> str:
 
 
 def service_or_exit(
-    environ: Mapping[str, str], options: Mapping[str, Any], demo_state: str | None = None
+    environ: Mapping[str, str],
+    options: Mapping[str, Any],
+    demo_state: str | None = None,
+    twistd_options: Mapping[str, Any] | None = None,
 ) -> IService:
     """Build the service tree; on a bad setting exit with one line naming it.
 
@@ -70,10 +73,11 @@ def service_or_exit(
     from deltagw.service import GatewayService, RootService
 
     configure_structlog()
-    root = RootService(reactor)
+    root = RootService(reactor, log_stream(twistd_options or {}))
     config_file = options.get("config")
     try:
         settings = settings_with_file(environ, options, config_file)
+        set_least_level(settings.log_level)
         pinned: dict[str, Any] = {}
         if demo_state is not None:
             from deltagw.demo.platform import DemoPlatform
@@ -113,7 +117,9 @@ def makeService(options: Options) -> IService:
         from deltagw.demo.platform import default_state_dir
 
         demo_state = options["demo-state"] or default_state_dir()
-    return service_or_exit(os.environ, dict(options), demo_state)
+    # twistd's own options (--logfile, --syslog, --nodaemon): this
+    # subcommand's parent.
+    return service_or_exit(os.environ, dict(options), demo_state, getattr(options, "parent", None))
 
 
 def make_application(environ: Mapping[str, str]) -> Application:
