@@ -11,9 +11,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: install run test bench clean
 
-$(VENV)/.installed: setup.py pyproject.toml $(CONSTRAINTS)
+# What running needs (`make run`), then the test extras too (the rest).
+$(VENV)/.runtime: setup.py pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -c $(CONSTRAINTS) ".[test]"
 	touch $@
 
@@ -21,8 +26,9 @@ install: $(VENV)/.installed
 	@# Reinstall the package itself so twistd subprocesses run this tree's code.
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 
-run: install
-	$(VENV)/bin/twistd --nodaemon --pidfile= deltagw --demo
+run: $(VENV)/.runtime
+	$(PY) -m pip install -q --no-deps --force-reinstall .
+	$(VENV)/bin/deltagw --demo
 
 test: install
 	$(PY) -m pytest

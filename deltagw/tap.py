@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from deltagw import __version__
 from deltagw.config import SETTINGS, ConfigError
-from deltagw.logs import configure_structlog, log_stream, set_least_level
+from deltagw.logs import configure_structlog, get_logger, log_stream, set_least_level
 
 
 class Options(usage.Options):
@@ -96,6 +96,8 @@ def service_or_exit(
             return root
         gateway = GatewayService(settings, reactor)
         gateway.setServiceParent(root)
+        if demo_state is not None:
+            gateway.listening().addCallback(_announce_demo, settings.port.startswith("ssl:"))
     except ConfigError as e:
         raise SystemExit(f"deltagw: configuration error: {e}") from None
     if config_file:
@@ -108,6 +110,16 @@ def service_or_exit(
             settings,
         ).setServiceParent(root)
     return root
+
+
+def _announce_demo(port: Any, secure: bool) -> None:
+    """One line a newcomer can read among the JSON: where the platform is."""
+    address = port.getHost()
+    host = "localhost" if address.host in ("127.0.0.1", "0.0.0.0", "::", "::1") else address.host
+    url = f"{'https' if secure else 'http'}://{host}:{address.port}"
+    get_logger(component="demo").msg(
+        f"DeltaStream is ready at {url} - API docs: {url}/api/docs/ui", url=url
+    )
 
 
 def makeService(options: Options) -> IService:
