@@ -12,14 +12,14 @@ from datetime import date
 from typing import Any
 
 from klein import Klein
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from deltagw.demo.market import ExpiryChain, Market, ProductMarket
+from deltagw.logs import get_logger
 
-log = Logger()
+_log = get_logger(component="demo")
 
 
 class ApiError(Exception):
@@ -128,7 +128,7 @@ def install_json_errors(app: Klein) -> None:
     @app.handle_errors(Exception)
     def unexpected(self: object, request: IRequest, failure: Failure) -> bytes:
         # The traceback goes to the log, never to the client.
-        log.failure("Unhandled error in demo backend", failure)
+        _log.err("demo_unhandled_error", _stuff=failure)
         return json_body(request, 500, {"error": "Internal server error"})
 
 

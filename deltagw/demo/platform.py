@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
@@ -25,7 +26,6 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
-from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
@@ -40,6 +40,7 @@ from deltagw.demo.auth import (
 )
 from deltagw.demo.market import DEFAULT_SEED, build_market
 from deltagw.demo.storage import StorageBackend
+from deltagw.logs import get_logger
 
 DATABASE_FILE = "demo-auth.sqlite3"
 SECRET_FILE = "demo-jwt-secret"
@@ -57,6 +58,30 @@ def default_state_dir() -> str:
     if not os.path.isabs(base):
         base = os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "deltagw")
+
+
+_log = get_logger(component="demo")
+
+
+class DemoSite(Site):
+    """A backend's Site whose access log is a JSON line marked with the backend.
+
+    twisted.web's own line (combined log format) carries the whole URI, so a
+    query such as ``?access_token=...`` would reach the log; here the path
+    alone does, as in the gateway's own access log.
+    """
+
+    def __init__(self, service: str, resource: Any, reactor: Any) -> None:
+        super().__init__(resource, reactor=reactor)
+        self._access_log = get_logger(component=f"demo-{service}")
+
+    def log(self, request: Any) -> None:
+        self._access_log.msg(
+            "demo_request",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status_code=request.code,
+        )
 
 
 class DemoPlatform(MultiService):
@@ -85,7 +110,6 @@ class DemoPlatform(MultiService):
             ``os.environ``).
     """
 
-    log = Logger()
 
     def __init__(
         self,
@@ -167,7 +191,7 @@ class DemoPlatform(MultiService):
             "analytics": AnalyticsBackend(self._market).app,
         }
         for name, app in backends.items():
-            site = Site(app.resource(), reactor=self._reactor)
+            site = DemoSite(name, app.resource(), reactor=self._reactor)
             site.noisy = False  # The line below says where it listens.
             # Site is a ServerFactory; Twisted's annotations do not say so.
             port = self._reactor.listenTCP(
@@ -179,11 +203,7 @@ class DemoPlatform(MultiService):
             address = port.getHost()
             assert isinstance(address, IPv4Address)
             self.urls[name] = f"http://127.0.0.1:{address.port}"
-            self.log.info(
-                "Demo {service} service listening on {url}",
-                service=name,
-                url=self.urls[name],
-            )
+            _log.msg("demo_listening", service=name, url=self.urls[name])
 
     def _close_pools(self) -> None:
         if self._store is not None:
