@@ -48,6 +48,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ipv6_prefix(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 128:
+        raise ValueError("expected a prefix length from 1 to 128")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -226,6 +233,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit_auth_requests", "RATE_LIMIT_AUTH_REQUESTS", "10", _non_negative_int),
     Setting("rate_limit_auth_window", "RATE_LIMIT_AUTH_WINDOW", "60", _seconds),
     Setting("rate_limit_max_keys", "RATE_LIMIT_MAX_KEYS", "100000", _positive_int),
+    Setting("rate_limit_ipv6_prefix", "RATE_LIMIT_IPV6_PREFIX", "64", _ipv6_prefix),
     Setting("rate_limit_fail_closed", "RATE_LIMIT_FAIL_CLOSED", "0", _flag),
     Setting("redis_url", "REDIS_URL", "", _redis_url),
     Setting("client_timeout", "CLIENT_TIMEOUT", "60", _seconds),
@@ -281,6 +289,7 @@ class Settings:
     rate_limit_auth_requests: int
     rate_limit_auth_window: float
     rate_limit_max_keys: int
+    rate_limit_ipv6_prefix: int
     rate_limit_fail_closed: bool
     redis_url: str | None
     client_timeout: float

@@ -9,6 +9,8 @@ them.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +49,27 @@ def redis_endpoint(reactor: Any, url: str) -> tuple[Any, str | None, int]:
     return endpoint, parts.password, db
 
 
+@functools.lru_cache(maxsize=4096)
+def address_key(client: str, ipv6_prefix: int) -> str:
+    """The bucket key of a client address.
+
+    An IPv6 client is keyed by its network of ``ipv6_prefix`` bits
+    (RATE_LIMIT_IPV6_PREFIX, 64 by default): one host commonly holds a
+    whole /64, and a bucket per address would let it take as many budgets as
+    it likes. An IPv4-mapped IPv6 address is its IPv4 address.
+    """
+    if ":" not in client:
+        return f"ip:{client}"
+    try:
+        address = ipaddress.IPv6Address(client.split("%", 1)[0])
+    except ValueError:
+        return f"ip:{client}"
+    if address.ipv4_mapped is not None:
+        return f"ip:{address.ipv4_mapped}"
+    network = ipaddress.IPv6Network((int(address), ipv6_prefix), strict=False)
+    return f"ip:{network}"
+
+
 class RateLimits(Service):
     """The gateway's limiters, one per budget, started and stopped as a service.
 
@@ -56,6 +79,7 @@ class RateLimits(Service):
     """
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
+        self._ipv6_prefix = settings.rate_limit_ipv6_prefix
         self._limiters: dict[str, Any] = {}
         budgets = {
             "default": (settings.rate_limit_requests, settings.rate_limit_window),
@@ -97,7 +121,10 @@ class RateLimits(Service):
         limiter = self._limiters.get(self.policy(route) or "")
         if limiter is None:
             return None
-        key = f"user:{identity.user_id}" if identity and route.group != "auth" else f"ip:{client}"
+        if identity and route.group != "auth":
+            key = f"user:{identity.user_id}"
+        else:
+            key = address_key(client, self._ipv6_prefix)
         decision = limiter.consume(key)
         if isinstance(decision, defer.Deferred):
             try:

@@ -100,6 +100,7 @@ AUTH_FIELDS = (
 RATE_LIMIT_FIELDS = (
     "rate_limit_requests", "rate_limit_window", "rate_limit_auth_requests",
     "rate_limit_auth_window", "rate_limit_max_keys", "rate_limit_fail_closed", "redis_url",
+    "rate_limit_ipv6_prefix",
 )
 
 

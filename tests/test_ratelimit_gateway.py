@@ -413,3 +413,27 @@ async def test_redis_outage_fails_closed_with_503(make_gateway, upstream, redis_
 
     await eventually(decided_again, timeout=10, step=0.02)
     assert await _codes(gateway, 10) == [200] * 9 + [429]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_clients_share_the_bucket_of_their_64(make_gateway, upstream):
+    """Two addresses of one /64 spend one budget; another /64 has its own; an
+    IPv4-mapped address is its IPv4 address."""
+    gateway = await make_gateway(
+        STORAGE_SERVICE_URL=upstream.url, RATE_LIMIT_REQUESTS="3", TRUSTED_PROXIES="127.0.0.0/8"
+    )
+    assert await _codes(gateway, 2, x_forwarded_for=b"2001:db8::1") == [200, 200]
+    assert await _codes(gateway, 2, x_forwarded_for=b"2001:db8::ffff:2") == [200, 429]
+    assert await _codes(gateway, 1, x_forwarded_for=b"2001:db8:0:1::1") == [200]
+    assert await _codes(gateway, 3, x_forwarded_for=b"203.0.113.9") == [200, 200, 200]
+    assert await _codes(gateway, 1, x_forwarded_for=b"::ffff:203.0.113.9") == [429]
+
+
+def test_address_key():
+    from deltagw.limits import address_key
+
+    assert address_key("203.0.113.9", 64) == "ip:203.0.113.9"
+    assert address_key("2001:db8::1", 64) == address_key("2001:db8::ffff:ffff", 64) == "ip:2001:db8::/64"
+    assert address_key("2001:db8::1", 128) == "ip:2001:db8::1/128"
+    assert address_key("::ffff:203.0.113.9", 64) == "ip:203.0.113.9"
+    assert address_key("fe80::1%eth0", 64) == "ip:fe80::/64"
