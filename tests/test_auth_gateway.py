@@ -326,3 +326,66 @@ async def test_local_verification_makes_no_auth_call(make_gateway, auth):
         await refused.content()
         assert refused.code == 401
     assert auth.verifications() == 0
+
+
+def _b64(data: bytes) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _hand_signed(header: dict, claims: dict, key: bytes) -> bytes:
+    """A JWT signed with HMAC-SHA256 by hand: PyJWT refuses a PEM as an HMAC secret."""
+    import hashlib
+    import hmac
+
+    signing_input = _b64(json.dumps(header).encode()) + b"." + _b64(json.dumps(claims).encode())
+    return signing_input + b"." + _b64(hmac.new(key, signing_input, hashlib.sha256).digest())
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_tokens_against_a_public_key(make_gateway, auth, upstream, tmp_path):
+    """JWT_PUBLIC_KEY_FILE (RS256): alg confusion (HS256 keyed with the public key), alg none,
+    kid tricks, expiry past the 30 s leeway and nbf in the future are 401; no identity
+    reaches the upstream; a good token passes."""
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(public_pem)
+    gateway = await make_gateway(
+        AUTH_SERVICE_URL=auth.url, STORAGE_SERVICE_URL=upstream.url,
+        JWT_PUBLIC_KEY_FILE=str(key_file), REQUIRE_AUTH="data", RATE_LIMIT_REQUESTS="0",
+    )
+    now = int(time.time())
+    claims = {"sub": "42", "email": "x@example.com", "exp": now + 300}
+    hostile = {
+        "alg-confusion": _hand_signed({"alg": "HS256", "typ": "JWT"}, claims, public_pem),
+        "alg-none": jwt.encode(claims, None, algorithm="none").encode(),
+        "kid-traversal": jwt.encode(claims, "s" * 32, algorithm="HS256",
+                                    headers={"kid": "../../../../dev/null"}).encode(),
+        "kid-unknown-rs256": jwt.encode(
+            claims, rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            algorithm="RS256", headers={"kid": "other"}).encode(),
+        "expired-past-leeway": jwt.encode({**claims, "exp": now - 60}, private, algorithm="RS256").encode(),
+        "not-yet-valid": jwt.encode({**claims, "nbf": now + 120}, private, algorithm="RS256").encode(),
+        "no-exp": jwt.encode({"sub": "42"}, private, algorithm="RS256").encode(),
+    }
+    for name, token in hostile.items():
+        response = await gateway.get("/api/data/products", headers=_bearer(token))
+        await response.content()
+        assert response.code == 401, name
+    assert upstream.seen == []
+    good = jwt.encode({**claims, "exp": now - 10}, private, algorithm="RS256").encode()  # within leeway
+    response = await gateway.get("/api/data/products", headers=_bearer(good))
+    await response.content()
+    assert response.code == 200
+    assert [s.header(b"x-user-id") for s in upstream.seen] == [[b"42"]]
+    assert auth.verifications() == 0
