@@ -437,3 +437,29 @@ def test_address_key():
     assert address_key("2001:db8::1", 128) == "ip:2001:db8::1/128"
     assert address_key("::ffff:203.0.113.9", 64) == "ip:203.0.113.9"
     assert address_key("fe80::1%eth0", 64) == "ip:fe80::/64"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_redis_password_is_never_logged(make_gateway, upstream, redis_server):
+    """REDIS_URL's password appears in no log line: Redis unreachable, then a Redis
+    that refuses the password (it has none configured)."""
+    from twisted.logger import globalLogPublisher
+
+    from tests.support import closed_port_url
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        unreachable = closed_port_url().replace("http://", "redis://:pw-SECRET-1@")
+        gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, REDIS_URL=unreachable)
+        await wait_until(lambda: any("rate_limit_backend_connect_failed" in str(e) for e in events))
+        assert (await _get(gateway)).code == 200  # fail-open
+        refusing = await make_gateway(
+            STORAGE_SERVICE_URL=upstream.url,
+            REDIS_URL=f"redis://:pw-SECRET-2@127.0.0.1:{redis_server.port}",
+        )
+        assert (await _get(refusing)).code == 200
+        await wait_until(lambda: any("rate_limit_backend_unavailable" in str(e) for e in events))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert "pw-SECRET" not in repr(events)

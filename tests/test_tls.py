@@ -200,3 +200,36 @@ async def test_tls_termination_refuses_old_protocols(https_gateway):
     await connectProtocol(endpoint, Probe())
     await wait_until(lambda: any(kind == "lost" for kind, _ in lost))
     assert not any(kind == "data" for kind, _ in lost)
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40],
+                         ids=["nothing", "half-a-client-hello"])
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_never_finished_is_closed_after_client_timeout(ca, tmp_path, upstream, sent):
+    """A client that opens a TLS port and never completes its handshake holds the
+    connection no longer than CLIENT_TIMEOUT."""
+    from twisted.internet.protocol import ClientFactory, Protocol
+
+    cert = ca.issue_cert("127.0.0.1")
+    key = _write(tmp_path, "gw.key", cert.private_key_pem)
+    chain = _write(tmp_path, "gw.pem", cert.cert_chain_pems[0])
+    gateway = RunningGateway({
+        "PORT": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={chain}",
+        "STORAGE_SERVICE_URL": upstream.url, "CLIENT_TIMEOUT": "0.5",
+    })
+    await gateway.start()
+    closed = []
+
+    class Stalled(Protocol):
+        def connectionMade(self):
+            self.transport.write(sent)
+
+        def connectionLost(self, reason):
+            closed.append(reason)
+
+    try:
+        reactor.connectTCP("127.0.0.1", gateway.port_number, ClientFactory.forProtocol(Stalled))
+        await wait_until(lambda: closed, timeout=10)
+    finally:
+        await gateway.stop()
+    assert len(closed) == 1
