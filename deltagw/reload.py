@@ -68,6 +68,25 @@ RESTART_ONLY = (
 """Settings a running process cannot change: they shape what it already opened."""
 
 
+_sighup_held = False
+
+
+def hold_sighup() -> None:
+    """From now until a `ConfigReloader` starts, a SIGHUP is remembered, not fatal.
+
+    The reloader's handler is installed only once the services start; one
+    arriving before (a worker's parent forwards them as soon as it has
+    spawned the worker) would otherwise end the process, the signal's
+    default, or be lost.
+    """
+    signal.signal(signal.SIGHUP, _hold)
+
+
+def _hold(signum: int, frame: Any) -> None:
+    global _sighup_held
+    _sighup_held = True
+
+
 class ConfigReloader(Service):
     """Re-reads the config file on SIGHUP and hands valid settings on.
 
@@ -98,8 +117,12 @@ class ConfigReloader(Service):
         self._previous_handler: Any = None
 
     def startService(self) -> None:
+        global _sighup_held
         super().startService()
         self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
+        if _sighup_held:
+            _sighup_held = False
+            self._reactor.callFromThread(self.reload)
 
     def stopService(self) -> None:
         super().stopService()

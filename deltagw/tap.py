@@ -69,12 +69,14 @@ def service_or_exit(
     """
     from twisted.internet import reactor
 
-    from deltagw.reload import ConfigReloader, settings_with_file
+    from deltagw.reload import ConfigReloader, hold_sighup, settings_with_file
     from deltagw.service import GatewayService, RootService
 
     configure_structlog()
     root = RootService(reactor, log_stream(twistd_options or {}))
     config_file = options.get("config")
+    if config_file:
+        hold_sighup()
     try:
         settings = settings_with_file(environ, options, config_file)
         set_least_level(settings.log_level)

@@ -406,6 +406,26 @@ def test_sighup_reloads_the_config_file_in_every_worker(
     assert daemon.proc.poll() is None and listening_pids(daemon.events) == pids
 
 
+def test_a_sighup_storm_leaves_the_parent_and_its_workers_serving(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """50 SIGHUPs back to back: no process dies, no worker is replaced, the last
+    config is what every worker serves."""
+    config = tmp_path / "gw.toml"
+    config.write_text('SERVICE_NAME = "before"\n')
+    daemon = supervised(twistd("--workers", "2", "--config", str(config)),
+                        child_environ(PORT=LOOPBACK_ANY_PORT))
+    port, pids = daemon.serving(2)
+    config.write_text('SERVICE_NAME = "after"\n')
+    for _ in range(50):
+        daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for(lambda events: {e["pid"] for e in events
+                                    if e.get("event") == "config_reloaded"} == pids)
+    assert names_served(daemon, port, pids) == {"after"}
+    assert daemon.proc.poll() is None and listening_pids(daemon.events) == pids
+    assert not [e for e in daemon.events if e.get("event") == "worker_died"]
+
+
 def names_served(daemon: Supervised, port: int, pids: set[int]) -> set[str]:
     """The service names /health gives, asked until every worker in ``pids`` answered."""
     names: dict[int, str] = {}
