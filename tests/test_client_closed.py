@@ -119,49 +119,42 @@ async def test_closing_while_waiting_for_the_upstream(make_gateway, upstream, ev
     await _assert_closed_cleanly(events, gateway, "waiting")
 
 
-@pytest_twisted.ensureDeferred
-async def test_closing_while_the_body_streams(make_gateway, events):
-    """Head and part of a long body sent, the rest held: the client leaves, the upstream is cut."""
-    held: list[Any] = []
-
-    def answer(transport: Any, _: bytes) -> None:
-        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 1000000\r\n\r\n" + b" " * 65536)
-        held.append(transport)
-
-    raw = RawUpstream(answer)
+async def _leave_mid_body(make_gateway, events, head_and_part: bytes, request_id: str) -> None:
+    """An upstream sends ``head_and_part`` and holds the rest; the client reads
+    the part, then leaves: the upstream connection is cut, the request logged."""
+    raw = RawUpstream(lambda transport, _: transport.write(head_and_part))
     listening = listen(raw)
     try:
         gateway = await make_gateway(BREAKER_FAILURES="1", STORAGE_SERVICE_URL=listening.url)
-        client = await _connect(gateway.port_number, _get("/api/data/products", "streaming"))
-        await wait_until(lambda: len(client.received) > 1000)
-        assert client.received.startswith(b"HTTP/1.1 200 OK\r\n")
+        client = await _connect(gateway.port_number, _get("/api/data/products", request_id))
+        body = head_and_part.split(b"\r\n\r\n", 1)[1]
+        await wait_until(lambda: body in client.received)
+        assert client.received.startswith(head_and_part.split(b"\r\n", 1)[0])
         client.transport.loseConnection()
         await wait_until(lambda: raw.open == 0)
-        await _assert_closed_cleanly(events, gateway, "streaming")
+        await _assert_closed_cleanly(events, gateway, request_id)
     finally:
         await listening.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_while_the_body_streams(make_gateway, events):
+    """Head and part of a long body sent, the rest held: the client leaves, the upstream is cut."""
+    await _leave_mid_body(
+        make_gateway, events,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b" " * 65536, "streaming",
+    )
 
 
 @pytest_twisted.ensureDeferred
 async def test_closing_while_an_upstream_error_streams(make_gateway, events):
     """The same with an upstream 404 being relayed: still client_closed, not upstream_error."""
-
-    def answer(transport: Any, _: bytes) -> None:
-        transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
-
-    raw = RawUpstream(answer)
-    listening = listen(raw)
-    try:
-        gateway = await make_gateway(BREAKER_FAILURES="1", STORAGE_SERVICE_URL=listening.url)
-        client = await _connect(gateway.port_number, _get("/api/data/products", "error-streaming"))
-        await wait_until(lambda: b"{}" in client.received)
-        client.transport.loseConnection()
-        await wait_until(lambda: raw.open == 0)
-        await _assert_closed_cleanly(events, gateway, "error-streaming")
-    finally:
-        await listening.port.stopListening()
+    await _leave_mid_body(
+        make_gateway, events,
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n", "error-streaming",
+    )
 
 
 @pytest_twisted.ensureDeferred
