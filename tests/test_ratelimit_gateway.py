@@ -463,3 +463,34 @@ async def test_the_redis_password_is_never_logged(make_gateway, upstream, redis_
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert "pw-SECRET" not in repr(events)
+
+
+@pytest.mark.parametrize(("fail_closed", "code"), [("0", 200), ("1", 503)])
+@pytest_twisted.ensureDeferred
+async def test_a_redis_answering_garbage_is_an_unavailable_limiter(make_gateway, upstream, fail_closed, code):
+    """A server on REDIS_URL that answers nonsense to everything: no 500, no crash; the
+    limiter is unavailable (fail-open serves, fail-closed answers 503)."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    from tests.support import listen
+
+    answered: list[bytes] = []
+
+    class Garbage(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            answered.append(data)
+            self.transport.write(b"%\xff\x00 not RESP\r\n")
+
+    hostile = listen(Factory.forProtocol(Garbage))
+    try:
+        port = hostile.url.rsplit(":", 1)[1]
+        gateway = await make_gateway(
+            STORAGE_SERVICE_URL=upstream.url, REDIS_URL=f"redis://127.0.0.1:{port}",
+            RATE_LIMIT_FAIL_CLOSED=fail_closed,
+        )
+        codes = [(await _get(gateway)).code for _ in range(5)]
+        assert codes == [code] * 5
+        assert answered  # the gateway did talk to it
+        assert (await _get(gateway, "/health")).code == 200
+    finally:
+        await hostile.port.stopListening()
