@@ -3,6 +3,7 @@ levels, LOG_LEVEL, and the last lines of a process stopped by Ctrl-C."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -115,3 +116,21 @@ def test_access_line_levels():
     for outcome, status in (("upstream_error", 404), ("ok", 200), ("not_found", 404),
                             ("unauthorized", 401), ("rate_limited", 429), ("client_closed", 499)):
         assert _level_of(outcome, status) == "info", outcome
+
+
+def test_a_port_in_use_stops_startup_with_one_line():
+    """PORT already taken: exit 1, and the one error line names PORT (no traceback lines)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "deltagw"],
+            env={"PATH": os.environ["PATH"], "PORT": f"tcp:{port}:interface=127.0.0.1"},
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    events = parse_json_lines([line for line in done.stdout.splitlines() if line.strip()])
+    errors = [e for e in events if e["level"] in ("error", "critical")]
+    assert len(errors) == 1 and "PORT=" in errors[0]["event"] and "in use" in errors[0]["event"]
+    assert done.stderr.strip() == ""
