@@ -31,6 +31,14 @@ which the parent cannot know before it starts)."""
 _STARTING_ON = re.compile(r"GatewaySite starting on (\d+)")
 
 
+def signals_as_from_a_terminal() -> None:
+    """SIGINT and SIGHUP at their defaults in a child, as in a process started
+    from a shell prompt, whatever this test run inherited: ``nohup`` ignores
+    SIGHUP, and a shell ignores SIGINT in the jobs it starts in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class Daemon:
     """A twistd process whose stdout is captured to a file for inspection."""
 
@@ -38,7 +46,8 @@ class Daemon:
         self.stdout = tempfile.NamedTemporaryFile(prefix="deltagw-", suffix=".log", delete=False)
         full_env = {**os.environ, "PORT": "tcp:0:interface=127.0.0.1", **env}
         self.process = subprocess.Popen(
-            args, env=full_env, cwd=cwd, stdout=self.stdout, stderr=subprocess.STDOUT
+            args, env=full_env, cwd=cwd, stdout=self.stdout, stderr=subprocess.STDOUT,
+            preexec_fn=signals_as_from_a_terminal,
         )
 
     @classmethod

@@ -41,7 +41,7 @@ from deltagw.workers import (
     listen_endpoint,
     worker_environment,
 )
-from tests.daemon import SYSTEMD_EXEC
+from tests.daemon import SYSTEMD_EXEC, signals_as_from_a_terminal
 from tests.redis_server import RedisServer
 
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -67,7 +67,7 @@ class Supervised:
         self.proc = subprocess.Popen(
             list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=self._stderr, pass_fds=tuple(pass_fds),
-            start_new_session=True,
+            start_new_session=True, preexec_fn=signals_as_from_a_terminal,
         )
         assert self.proc.stdout is not None
         self._fd = self.proc.stdout.fileno()
@@ -718,6 +718,7 @@ def test_restart_backoff_doubles_while_workers_die_young_and_resets() -> None:
 
 def test_workers_read_the_config_file_and_reload_it_on_sighup(tmp_path: Path) -> None:
     """Each worker gets --config with the file's absolute path; a reload HUPs each running worker."""
+    before = signal.getsignal(signal.SIGHUP)
     reactor = _FakeReactor()
     settings = load_settings({"PORT": "tcp:8000", "WORKERS": "2"})
     config = tmp_path / "gw.toml"
@@ -736,7 +737,7 @@ def test_workers_read_the_config_file_and_reload_it_on_sighup(tmp_path: Path) ->
         for process in reactor.processes:
             if process.alive:
                 process.end()
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) is before
 
 
 def test_stop_terminates_workers_and_waits_for_them() -> None:
