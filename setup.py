@@ -34,6 +34,7 @@ setup(
             "schemathesis==4.32.5",
             "h11==0.16.0",
             "hypothesis==6.170.27",
+            "kubernetes-validate==1.37.0",
         ],
     },
     entry_points={"console_scripts": ["deltagw = deltagw.__main__:main"]},
