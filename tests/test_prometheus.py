@@ -1,9 +1,10 @@
-"""deploy/prometheus: the alerting rules, their unit tests and the example
-configuration, checked by Debian's promtool (the test fails if it is missing:
-CI installs it)."""
+"""deploy/prometheus: the alerting rules, their unit tests, the example
+configuration and the Grafana dashboard, checked by Debian's promtool (the
+test fails if it is missing: CI installs it)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ DEPLOY = REPO / "deploy" / "prometheus"
 ALERTS = DEPLOY / "alerts.yml"
 ALERTS_TEST = DEPLOY / "alerts_test.yml"
 CONFIG = DEPLOY / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana-dashboard.json"
 
 ALERT_NAMES = (
     "DeltagwScrapeDown",
@@ -33,6 +35,7 @@ ALERT_NAMES = (
 )
 
 _METRIC_NAME = re.compile(r"\bdeltagw_[a-z0-9_]+")
+_VARIABLE = re.compile(r"\$\{?(\w+)")
 
 
 def tool(name: str) -> str:
@@ -52,6 +55,15 @@ def alert_rules() -> list[dict[str, Any]]:
     """Every rule of alerts.yml, in file order."""
     document = yaml.safe_load(ALERTS.read_text())
     return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    """Every panel of the dashboard (those inside rows too)."""
+    panels = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", ()))
+    return [panel for panel in panels if panel["type"] != "row"]
 
 
 def exposed_names() -> set[str]:
@@ -128,3 +140,45 @@ def test_rules_name_only_metrics_the_gateway_exposes():
     used = {name for rule in alert_rules() for name in _METRIC_NAME.findall(rule["expr"])}
     assert len(used) == 5, used
     assert used <= exposed_names(), used - exposed_names()
+
+
+def test_dashboard_is_well_formed():
+    """Each panel has its own id and place, asks the chosen data source, and
+    has queries that use only the dashboard's variables and Grafana's
+    $__rate_interval."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard_panels()
+    assert len(panels) == 9
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert variables == {"datasource", "instance"}
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used = set(_VARIABLE.findall(target["expr"]))
+            assert used <= {"instance", "__rate_interval"}, (panel["title"], used)
+            assert 'instance=~"$instance"' in target["expr"], panel["title"]
+
+
+def test_dashboard_shows_every_metric_by_its_exposed_name():
+    """Every metric family of /metrics is on the dashboard, under the name
+    the exposition gives it (counters ``_total``, histograms ``_bucket``)."""
+    used = {
+        name
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+        for name in _METRIC_NAME.findall(target["expr"])
+    }
+    assert used <= exposed_names(), used - exposed_names()
+    families = {family.name for family in Metrics().registry.collect()}
+    suffixes = ("", "_total", "_bucket", "_sum", "_count")
+    shown = {family for family in families if used & {family + suffix for suffix in suffixes}}
+    assert shown == families
