@@ -58,6 +58,11 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 
+LIMITER_DOWN_STATES = frozenset({"connecting", "unavailable"})
+"""Rate limiter states (``RateLimits.readiness``) in which its backend cannot
+decide: ``deltagw_rate_limiter_up`` is 0 in them, 1 in any other (``connected``,
+``ready`` for in-process buckets, ``off``)."""
+
 NOT_TIMED_REASONS = frozenset({"shed", "circuit_open"})
 """Failures where no upstream call was made: counted, but their (near zero)
 durations would only drag the upstream latency histogram down."""
@@ -120,6 +125,13 @@ class Metrics:
         )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self._limiter_up = Gauge(
+            "deltagw_rate_limiter_up",
+            "1 while the rate limiter can decide (Redis connected, in-process buckets, "
+            "limiting off); 0 while its backend is connecting or unreachable.",
+            registry=self.registry,
+        )
+        self._limiter_up.set(1)
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)
@@ -216,9 +228,12 @@ class Metrics:
         self._child(self._in_flight, self._service_label(service)).inc(delta)
 
     def watch(
-        self, in_flight: Mapping[str, int] | None = None, breakers: Mapping[str, Any] | None = None
+        self,
+        in_flight: Mapping[str, int] | None = None,
+        breakers: Mapping[str, Any] | None = None,
+        limiter_state: Callable[[], str] | None = None,
     ) -> None:
-        """Read the in-flight and circuit gauges from the proxy at scrape time.
+        """Read the in-flight, circuit and rate limiter gauges at scrape time.
 
         An alternative to calling `in_flight` and `circuit_state` on every
         change: the proxy already keeps both (``Proxy.in_flight``,
@@ -230,6 +245,9 @@ class Metrics:
             in_flight: Calls in flight by service name.
             breakers: Objects with a ``state`` (``closed``, ``half_open``,
                 ``open``) by service name.
+            limiter_state: Returns the rate limiter's state (``connected``,
+                ``unavailable``, ...): ``deltagw_rate_limiter_up`` is 0 for
+                `LIMITER_DOWN_STATES`, 1 otherwise.
         """
         if in_flight is not None:
             for name in in_flight:
@@ -239,6 +257,10 @@ class Metrics:
         for name, breaker in (breakers or {}).items():
             self._child(self._circuit, self._service_label(name)).set_function(
                 _state_reader(breaker)
+            )
+        if limiter_state is not None:
+            self._limiter_up.set_function(
+                lambda: 0.0 if limiter_state() in LIMITER_DOWN_STATES else 1.0
             )
 
     def render(self) -> tuple[bytes, bytes]:

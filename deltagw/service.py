@@ -220,8 +220,12 @@ class GatewayService(MultiService):
             client_timeout=settings.client_timeout,
         )
         self.metrics = Metrics()
-        # The gauges read the proxy's own counters when scraped.
-        self.metrics.watch(in_flight=self.proxy.in_flight, breakers=self.proxy.breakers)
+        # The gauges read the proxy's own counters and the limiter's state when scraped.
+        self.metrics.watch(
+            in_flight=self.proxy.in_flight,
+            breakers=self.proxy.breakers,
+            limiter_state=lambda: self.limits.readiness()[1]["state"],
+        )
         self.gateway = self._gateway(settings)
         self.tracker = RequestTracker(self.gateway.resource())
         self.drain = DrainService(

@@ -212,6 +212,21 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("deltagw_upstream_in_flight", {"service": "storage"}), 1.0)
         self.assertEqual(self.value("deltagw_circuit_state", {"service": "analytics"}), 2.0)
 
+    def test_rate_limiter_up_follows_the_limiter_state(self) -> None:
+        """deltagw_rate_limiter_up is 1 until watched, then 0 exactly while the
+        limiter's backend is connecting or unreachable, read at each scrape."""
+        name = "deltagw_rate_limiter_up"
+        self.assertEqual(self.value(name), 1.0)
+        state = ["connecting"]
+        self.metrics.watch(limiter_state=lambda: state[0])
+        seen = {}
+        for state[0] in ("connecting", "connected", "unavailable", "ready", "off"):
+            seen[state[0]] = self.value(name)
+        self.assertEqual(
+            seen,
+            {"connecting": 0.0, "connected": 1.0, "unavailable": 0.0, "ready": 1.0, "off": 1.0},
+        )
+
     def test_render(self) -> None:
         """render gives the 0.0.4 text format with its content type, parseable by Prometheus."""
         self.metrics.observe_request(CHAIN, "GET", 200, 0.01)
@@ -222,7 +237,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertLessEqual(
             {"deltagw_http_requests", "deltagw_http_request_duration_seconds",
              "deltagw_upstream_request_duration_seconds", "deltagw_upstream_failures",
-             "deltagw_rate_limited", "deltagw_circuit_state", "deltagw_upstream_in_flight"},
+             "deltagw_rate_limited", "deltagw_circuit_state", "deltagw_upstream_in_flight",
+             "deltagw_rate_limiter_up"},
             names,
         )
         self.assertIn(b'deltagw_http_requests_total{method="GET",route="' + CHAIN.encode()

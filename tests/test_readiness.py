@@ -3,7 +3,8 @@
 A gateway with REDIS_URL is not ready until its limiter's first connection
 attempt is over (connected, or failed and logged), and under
 RATE_LIMIT_FAIL_CLOSED it is not ready while Redis is unreachable; /health
-(liveness) answers 200 throughout.
+(liveness) answers 200 throughout. ``deltagw_rate_limiter_up`` on /metrics
+says whether the backend answers, whatever the fail mode.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ async def _ready(gateway: Any) -> tuple[int, dict[str, Any]]:
     return response.code, json.loads(await response.content())
 
 
+async def _limiter_up(gateway: Any) -> float:
+    """``deltagw_rate_limiter_up`` as the gateway's /metrics shows it."""
+    response = await gateway.get("/metrics")
+    text = (await response.content()).decode()
+    values = [
+        float(line.split()[1]) for line in text.splitlines()
+        if line.startswith("deltagw_rate_limiter_up ")
+    ]
+    assert len(values) == 1, text
+    return values[0]
+
+
 async def _health(gateway: Any) -> int:
     response = await gateway.get("/health")
     await response.content()
@@ -59,6 +72,7 @@ async def test_not_ready_until_the_first_attempt_is_over(make_gateway):
         status, document = await _ready(gateway)
         assert status == 503 and document["status"] == "not_ready"
         assert document["rate_limiter"] == {"backend": "redis", "state": "connecting"}
+        assert await _limiter_up(gateway) == 0.0
         await wait_until(lambda: gateway.service.limits.readiness()[1]["state"] != "connecting",
                          timeout=10)
         assert await _ready(gateway) == (200, {
@@ -66,6 +80,8 @@ async def test_not_ready_until_the_first_attempt_is_over(make_gateway):
                                              "analytics": "closed"},
             "rate_limiter": {"backend": "redis", "state": "unavailable"},
         })
+        # Ready (fail-open lets requests through), yet the backend is down.
+        assert await _limiter_up(gateway) == 0.0
     finally:
         await silent.port.stopListening()
 
@@ -105,14 +121,17 @@ async def test_redis_going_away_under_fail_closed(make_gateway, redis_server):
     )
     await wait_until(lambda: gateway.service.limits.readiness()[0], timeout=10)
     assert (await _ready(gateway))[0] == 200
+    assert await _limiter_up(gateway) == 1.0
     redis_server.stop()
     await wait_until(lambda: not gateway.service.limits.readiness()[0], timeout=10)
     status, document = await _ready(gateway)
     assert status == 503 and document["rate_limiter"]["state"] == "unavailable"
+    assert await _limiter_up(gateway) == 0.0
     assert await _health(gateway) == 200
     redis_server.start()
     await wait_until(lambda: gateway.service.limits.readiness()[0], timeout=15)
     assert (await _ready(gateway))[0] == 200
+    assert await _limiter_up(gateway) == 1.0
 
 
 @pytest_twisted.ensureDeferred
@@ -122,3 +141,4 @@ async def test_in_process_limiter_is_ready_at_once(make_gateway):
     status, document = await _ready(gateway)
     assert status == 200
     assert document["rate_limiter"] == {"backend": "memory", "state": "ready"}
+    assert await _limiter_up(gateway) == 1.0
