@@ -46,7 +46,7 @@ def measure_local(calls: int, keys: int) -> dict[str, Any]:
     """(a) CPU µs per TokenBucketLimiter.consume, real reactor clock."""
     from twisted.internet import reactor
 
-    from deltagw.ratelimit import TokenBucketLimiter
+    from deltagw.policy.buckets import TokenBucketLimiter
 
     names = [f"ip:10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(keys)]
 
@@ -82,8 +82,8 @@ def measure_redis(calls: int, warmup: int) -> dict[str, Any]:
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    from deltagw.limits import REDIS_TIMEOUT
-    from deltagw.ratelimit import RedisLimiter
+    from deltagw.policy.rate_limits import REDIS_TIMEOUT
+    from deltagw.policy.buckets import RedisLimiter
 
     out: dict[str, Any] = {}
     interrupted: list[int] = []

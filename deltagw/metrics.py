@@ -54,7 +54,7 @@ UPSTREAM_BUCKETS = REQUEST_BUCKETS + (30.0,)
 """Upstream calls also reach ANALYTICS_TIMEOUT (30 s by default)."""
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
-"""``deltagw.breaker`` state names -> gauge value."""
+"""``deltagw.upstream.breaker`` state names -> gauge value."""
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 
@@ -211,7 +211,7 @@ class Metrics:
     def circuit_state(self, service: str, state: str) -> None:
         """Set a service's breaker state (``closed``, ``half_open``, ``open``).
 
-        Fits `deltagw.breaker.CircuitBreaker`'s ``on_transition`` callback:
+        Fits `deltagw.upstream.breaker.CircuitBreaker`'s ``on_transition`` callback:
         ``on_transition=lambda name, old, new: metrics.circuit_state(name, new)``.
 
         Raises:

@@ -1,6 +1,6 @@
 """The route table: the single source of truth for the public API.
 
-Routing (``deltagw.app``), the OpenAPI document, metric labels, timeouts and
+Routing (``deltagw.web.application``), the OpenAPI document, metric labels, timeouts and
 the auth policy all read this table, so a route cannot exist without being
 documented, timed and policed.
 """
@@ -86,7 +86,7 @@ class Route:
             ``branch=True`` route): Swagger UI's asset files.
         parts: For a composed route (``service`` None): the upstream calls
             the gateway makes in parallel and combines into one answer
-            (``deltagw.bff``).
+            (``deltagw.web.composition``).
     """
 
     name: str
@@ -152,7 +152,7 @@ ROUTES: tuple[Route, ...] = (
           "/volatility-surface/{product}", "Implied volatility surface."),
     # Group "data": REQUIRE_AUTH=data protects it like the chain it shows;
     # a composed route also needs a token whenever any of its parts' rows
-    # would (deltagw.authentication.auth_policy), so it cannot leak them.
+    # would (deltagw.policy.route_access.auth_policy), so it cannot leak them.
     Route("bff_overview", "data", "GET", "/bff/overview/{product}", None, None,
           "Dashboard overview: latest tick, chain summary and put/call ratios in one call.",
           parts=(

@@ -19,22 +19,22 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from deltagw.app import Gateway
-from deltagw.auth import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
-from deltagw.authentication import Authenticator
+from deltagw.web.application import Gateway
+from deltagw.policy.token_verifiers import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
+from deltagw.policy.route_access import Authenticator
 from deltagw.config import ConfigError, Settings
-from deltagw.drain import DrainService, RequestTracker
-from deltagw.limits import RateLimits
+from deltagw.process.drain import DrainService, RequestTracker
+from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import LogFlusher, get_logger, observer, set_least_level
 from deltagw.metrics import Metrics
-from deltagw.proxy import Proxy, UpstreamClient
-from deltagw.retry import RetryPolicy
-from deltagw.site import GatewaySite
+from deltagw.upstream.proxy import Proxy, UpstreamClient
+from deltagw.upstream.retry import RetryPolicy
+from deltagw.web.site import GatewaySite
 from deltagw.speedups.busy_poll import BusyPoll
 from deltagw.speedups.held_writes import HeldWrites
-from deltagw.systemd import SystemdNotifier
-from deltagw.tls import upstream_tls_policy
-from deltagw.workers import listen_endpoint
+from deltagw.process.systemd import SystemdNotifier
+from deltagw.upstream.tls import upstream_tls_policy
+from deltagw.process.workers import listen_endpoint
 
 _log = get_logger(component="service")
 
@@ -282,7 +282,7 @@ class GatewayService(MultiService):
         flight hold the old one and finish under it. The verification cache
         and the rate-limit buckets are kept unless their own settings
         changed. What the process has already opened (port, pool, breakers)
-        keeps its start-up settings (``deltagw.reload.RESTART_ONLY``).
+        keeps its start-up settings (``deltagw.process.reload.RESTART_ONLY``).
         """
         old = self.settings
         if _differ(old, settings, AUTH_FIELDS):

@@ -69,7 +69,7 @@ def service_or_exit(
     """
     from twisted.internet import reactor
 
-    from deltagw.reload import ConfigReloader, hold_sighup, settings_with_file
+    from deltagw.process.reload import ConfigReloader, hold_sighup, settings_with_file
     from deltagw.service import GatewayService, RootService
 
     configure_structlog()
@@ -90,7 +90,7 @@ def service_or_exit(
             pinned = {f"{name}_url": url for name, url in demo.urls.items()}
             settings = replace(settings, **pinned)
         if settings.workers > 1:
-            from deltagw.workers import WorkerSupervisor
+            from deltagw.process.workers import WorkerSupervisor
 
             WorkerSupervisor(
                 settings, reactor, environ, options, pinned=pinned

@@ -1,4 +1,4 @@
-"""Unit tests for deltagw.auth: bearer parsing, verifiers and their cache."""
+"""Unit tests for deltagw.policy.token_verifiers: bearer parsing, verifiers and their cache."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from deltagw.auth import (
+from deltagw.policy.token_verifiers import (
     MAX_ANSWER_BYTES,
     MAX_TOKEN_LENGTH,
     AuthError,

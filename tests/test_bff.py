@@ -16,12 +16,12 @@ from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
-from deltagw.bff import summarise_chain
+from deltagw.web.composition import summarise_chain
 from deltagw.demo.analytics import AnalyticsBackend
 from deltagw.demo.market import build_market
 from deltagw.demo.storage import StorageBackend
 from deltagw.errors import UpstreamUnavailable
-from deltagw.proxy import Proxy, UpstreamClient
+from deltagw.upstream.proxy import Proxy, UpstreamClient
 from deltagw.routes import STORAGE
 from tests.support import RecordingUpstream, closed_port_url, listen, wait_until
 

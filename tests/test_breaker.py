@@ -1,11 +1,11 @@
-"""Tests for deltagw.breaker: the per-service circuit breaker."""
+"""Tests for deltagw.upstream.breaker: the per-service circuit breaker."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from deltagw.breaker import (
+from deltagw.upstream.breaker import (
     PROBE_RETRY_AFTER,
     CircuitBreaker,
     CircuitOpen,

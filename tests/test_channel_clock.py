@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from deltagw.config import load_settings
-from deltagw.site import GatewaySite
+from deltagw.web.site import GatewaySite
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n"
 

@@ -20,10 +20,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from deltagw.breaker import CircuitBreaker
-from deltagw.drain import DrainService, RequestTracker
+from deltagw.upstream.breaker import CircuitBreaker
+from deltagw.process.drain import DrainService, RequestTracker
 from deltagw.config import load_settings
-from deltagw.site import GatewaySite
+from deltagw.web.site import GatewaySite
 from deltagw.routes import ROUTES_BY_NAME
 from tests.daemon import Daemon, parse_json_lines
 from tests.support import wait_until

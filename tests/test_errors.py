@@ -91,9 +91,9 @@ def _error_classes(cls: type) -> list[type]:
 
 def test_every_status_the_gateway_writes_has_its_standard_phrase_and_title():
     """Each GatewayError's status, and each status the framer refuses with, reads as RFC 9110/6585 names it."""
-    import deltagw.app  # noqa: F401 (imports every module that defines a GatewayError)
+    import deltagw.web.application  # noqa: F401 (imports every module that defines a GatewayError)
     from deltagw.errors import GatewayError, problem_document, reason_phrase
-    from deltagw.site import _REFUSAL_OUTCOMES
+    from deltagw.web.site import _REFUSAL_OUTCOMES
 
     statuses = {c.status for c in _error_classes(GatewayError)} | set(_REFUSAL_OUTCOMES) | {400, 408}
     assert {401, 429, 503} <= statuses

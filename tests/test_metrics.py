@@ -201,7 +201,7 @@ class MetricsTests(SynchronousTestCase):
         """The real Proxy's in_flight and breakers plug straight in."""
         from twisted.internet.task import Clock
 
-        from deltagw.proxy import Proxy
+        from deltagw.upstream.proxy import Proxy
 
         proxy = Proxy(Clock(), client=None)  # type: ignore[arg-type]
         self.metrics.watch(in_flight=proxy.in_flight, breakers=proxy.breakers)

@@ -13,10 +13,10 @@ from openapi_spec_validator import validate
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from deltagw.app import Gateway
-from deltagw.authentication import REQUIRED, auth_policy
-from deltagw.docs_ui import BUNDLED_ASSETS, INITIALIZER, SwaggerUIResource
-from deltagw.openapi import BEARER, OPENAPI_VERSION, openapi_document
+from deltagw.web.application import Gateway
+from deltagw.policy.route_access import REQUIRED, auth_policy
+from deltagw.web.swagger_ui import BUNDLED_ASSETS, INITIALIZER, SwaggerUIResource
+from deltagw.web.openapi import BEARER, OPENAPI_VERSION, openapi_document
 from deltagw.routes import ROUTES, ROUTES_BY_NAME, Route
 
 SERVER = "https://gateway.example.com:8443"
@@ -30,7 +30,7 @@ META_ROWS = (
     Route("metrics", "meta", "GET", "/metrics", None, None, "Prometheus metrics.", versioned=False),
     Route("health_ready", "meta", "GET", "/health/ready", None, None, "Readiness.",
           versioned=False),
-    Route("brand_new", "meta", "GET", "/brand-new", None, None, "Unknown to openapi.py.",
+    Route("brand_new", "meta", "GET", "/brand-new", None, None, "Unknown to the OpenAPI builder.",
           versioned=False),
 )
 EXTENDED = ROUTES + tuple(row for row in META_ROWS if row.name not in ROUTES_BY_NAME)
@@ -382,7 +382,7 @@ class SwaggerUITests(SynchronousTestCase):
 class ServerURLTests(SynchronousTestCase):
     def test_public_url_wins(self) -> None:
         """PUBLIC_URL, when set, whatever the Host."""
-        from deltagw.openapi import server_url
+        from deltagw.web.openapi import server_url
 
         self.assertEqual(
             server_url("https://api.example.com", False, b"evil.example", "127.0.0.1:8000"),
@@ -391,7 +391,7 @@ class ServerURLTests(SynchronousTestCase):
 
     def test_host_only_when_it_names_the_listening_address(self) -> None:
         """The request's scheme and Host when the Host is the address it arrived at."""
-        from deltagw.openapi import server_url
+        from deltagw.web.openapi import server_url
 
         self.assertEqual(server_url(None, False, b"127.0.0.1:8000", "127.0.0.1:8000"),
                          "http://127.0.0.1:8000")
@@ -399,7 +399,7 @@ class ServerURLTests(SynchronousTestCase):
 
     def test_any_other_host_gives_the_relative_url(self) -> None:
         """A Host the client invented is never reflected: "/" instead."""
-        from deltagw.openapi import server_url
+        from deltagw.web.openapi import server_url
 
         for host in (None, b"", b"evil.example", b"evil.example:8000", b"127.0.0.1:9999",
                      b"evil.com/path", b"a b", b'x"y', b"h\xc3\xa9", b"host:port"):

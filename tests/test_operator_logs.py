@@ -106,7 +106,7 @@ def _answers(port: int) -> bool:
 
 def test_access_line_levels():
     """internal_error is an error; failing upstreams, shedding and open circuits warnings; the rest info."""
-    from deltagw.site import _level_of
+    from deltagw.web.site import _level_of
 
     assert _level_of("internal_error", 500) == "error"
     for outcome in ("upstream_timeout", "upstream_refused", "circuit_open", "shed",

@@ -12,7 +12,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from deltagw.errors import UpstreamUnavailable
-from deltagw.proxy import BodyInterrupted, ClientTooSlow, Proxy, _BodyRelay, failure_reason
+from deltagw.upstream.proxy import BodyInterrupted, ClientTooSlow, Proxy, _BodyRelay, failure_reason
 from deltagw.routes import STORAGE
 
 

@@ -430,7 +430,7 @@ async def test_ipv6_clients_share_the_bucket_of_their_64(make_gateway, upstream)
 
 
 def test_address_key():
-    from deltagw.limits import address_key
+    from deltagw.policy.rate_limits import address_key
 
     assert address_key("203.0.113.9", 64) == "ip:203.0.113.9"
     assert address_key("2001:db8::1", 64) == address_key("2001:db8::ffff:ffff", 64) == "ip:2001:db8::/64"

@@ -1,4 +1,4 @@
-"""Tests for deltagw.ratelimit.RedisLimiter against a real redis-server.
+"""Tests for deltagw.policy.buckets.RedisLimiter against a real redis-server.
 
 These need ``redis-server`` on PATH and fail (not skip) without it: CI must
 run them. Each test gets its own server on a free loopback port.
@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
-from deltagw.ratelimit import BUCKET_SCRIPT_SHA, Decision, LimiterUnavailable, RedisLimiter
+from deltagw.policy.buckets import BUCKET_SCRIPT_SHA, Decision, LimiterUnavailable, RedisLimiter
 from tests.redis_server import RedisServer
 
 reactor: Any = _reactor

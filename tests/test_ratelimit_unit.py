@@ -1,4 +1,4 @@
-"""Tests for deltagw.ratelimit: the in-process token bucket and its headers."""
+"""Tests for deltagw.policy.buckets: the in-process token bucket and its headers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from deltagw.ratelimit import (
+from deltagw.policy.buckets import (
     BUCKET_SCRIPT,
     BUCKET_SCRIPT_SHA,
     Decision,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deltagw.config import ConfigError, load_settings
-from deltagw.reload import ConfigReloader, read_config_file, settings_with_file
+from deltagw.process.reload import ConfigReloader, read_config_file, settings_with_file
 
 
 def _write(tmp_path, text: str) -> str:
@@ -81,6 +81,6 @@ def test_defaults_unchanged_without_file():
 def test_speedups_change_needs_a_restart():
     """SPEEDUPS shapes the transports and services already running, so a reload
     that changes it is reported as needing a restart."""
-    from deltagw.reload import RESTART_ONLY
+    from deltagw.process.reload import RESTART_ONLY
 
     assert "speedups" in RESTART_ONLY

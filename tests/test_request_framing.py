@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
-from deltagw.request_framing import MAX_HEAD_BYTES, RequestFramer
+from deltagw.web.request_framing import MAX_HEAD_BYTES, RequestFramer
 from tests.support import raw_exchange, wait_until
 
 GET = b"GET /api/data/underlying/NIFTY HTTP/1.1\r\nHost: gw\r\n\r\n"

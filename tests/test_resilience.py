@@ -15,8 +15,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from deltagw.errors import UpstreamUnavailable
-from deltagw.proxy import Proxy
-from deltagw.retry import RetryPolicy
+from deltagw.upstream.proxy import Proxy
+from deltagw.upstream.retry import RetryPolicy
 from deltagw.routes import STORAGE
 from tests.support import RawUpstream, closed_port_url, listen, raw_exchange, wait_until
 

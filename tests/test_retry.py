@@ -1,4 +1,4 @@
-"""Tests for deltagw.retry: which upstream failures are retried, and how."""
+"""Tests for deltagw.upstream.retry: which upstream failures are retried, and how."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 
-from deltagw.retry import RetryPolicy, call_with_retries, is_connection_failure
+from deltagw.upstream.retry import RetryPolicy, call_with_retries, is_connection_failure
 
 RETRYABLE = [
     Failure(error.ConnectionRefusedError()),

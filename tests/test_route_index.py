@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from werkzeug.exceptions import HTTPException
 
-from deltagw.app import _INDEX, Gateway
+from deltagw.web.application import _INDEX, Gateway
 from deltagw.routes import ROUTES
 
 

@@ -20,8 +20,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from deltagw.app import _UNSAFE_PARAM
-from deltagw.openapi import PATH_VALUE_PATTERN
+from deltagw.web.application import _UNSAFE_PARAM
+from deltagw.web.openapi import PATH_VALUE_PATTERN
 from tests.daemon import Daemon
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")

@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import epollreactor, protocol, reactor, tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from deltagw.site import GatewayChannel
+from deltagw.web.site import GatewayChannel
 from deltagw.speedups import channel_clock, held_writes, turn_taking
 from deltagw.speedups.busy_poll import BusyPoll
 from tests.support import RecordingUpstream
@@ -222,7 +222,7 @@ def test_channel_clock_leaves_no_timeout_mixin_call() -> None:
     from twisted.internet.testing import StringTransport
 
     from deltagw.config import load_settings
-    from deltagw.site import GatewaySite
+    from deltagw.web.site import GatewaySite
 
     clock = Clock()
     site = GatewaySite(None, load_settings({"SPEEDUPS": "1", "CLIENT_TIMEOUT": "10"}), clock)

@@ -8,7 +8,7 @@ import pytest_twisted
 from openapi_spec_validator import validate
 
 from deltagw import __version__
-from deltagw.app import Gateway
+from deltagw.web.application import Gateway
 
 
 def _series(text: str, name: str) -> list[str]:

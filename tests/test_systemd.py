@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import pytest
 from twisted.internet import defer, task
 
-from deltagw.systemd import SystemdNotifier, notify, watchdog_interval
+from deltagw.process.systemd import SystemdNotifier, notify, watchdog_interval
 from tests.daemon import SYSTEMD_EXEC
 
 ROOT = Path(__file__).resolve().parent.parent

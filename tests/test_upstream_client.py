@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client (deltagw.upstream), driven byte by byte.
+"""The lean HTTP/1.1 client (deltagw.upstream.client), driven byte by byte.
 
 Most tests run the real `ConnectionPool` against a fake endpoint factory: each
 connect builds the pool's protocol on a `StringTransport`, so a test reads
@@ -30,9 +30,9 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from deltagw.proxy import _UpstreamEndpoints, failure_reason
-from deltagw.retry import is_connection_failure
-from deltagw.upstream import (
+from deltagw.upstream.proxy import _UpstreamEndpoints, failure_reason
+from deltagw.upstream.retry import is_connection_failure
+from deltagw.upstream.client import (
     MAX_HEAD_BYTES,
     MAX_INTERIM_RESPONSES,
     ConnectionPool,

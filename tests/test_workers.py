@@ -33,7 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from deltagw.config import ConfigError, load_settings
-from deltagw.workers import (
+from deltagw.process.workers import (
     LISTEN_FD_ENV,
     InheritedPortEndpoint,
     WorkerSupervisor,

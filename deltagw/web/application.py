@@ -23,13 +23,13 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from deltagw import __version__
-from deltagw.auth import Identity
-from deltagw.authentication import Authenticator
-from deltagw.bff import Composer
+from deltagw.policy.token_verifiers import Identity
+from deltagw.policy.route_access import Authenticator
+from deltagw.web.composition import Composer
 from deltagw.config import Settings
-from deltagw.cors import CorsPolicy
-from deltagw.docs_ui import SwaggerUIResource
-from deltagw.edge import EdgeResource
+from deltagw.web.cors import CorsPolicy
+from deltagw.web.swagger_ui import SwaggerUIResource
+from deltagw.web.before_routing import EdgeResource
 from deltagw.errors import (
     BadRequest,
     GatewayError,
@@ -40,15 +40,15 @@ from deltagw.errors import (
     json_response,
     write_error,
 )
-from deltagw.headers import chained, forwarded_element, is_trusted_peer, upstream_request_headers
+from deltagw.upstream.forwarding import chained, forwarded_element, is_trusted_peer, upstream_request_headers
 from deltagw.http_syntax import is_host
-from deltagw.limits import RateLimits
+from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics, metrics_allowed
-from deltagw.openapi import openapi_document, server_url
-from deltagw.proxy import Proxy
+from deltagw.web.openapi import openapi_document, server_url
+from deltagw.upstream.proxy import Proxy
 from deltagw.routes import ROUTES, Route
-from deltagw.upstream import Header
+from deltagw.upstream.client import Header
 
 _log = get_logger(component="app")
 

@@ -2,8 +2,8 @@
 
 Trace context, CORS and the check that must hold before any route code
 runs: a URL the gateway can read. The request id and the client address
-are set with the head (`deltagw.site.GatewayRequest`); the body limit and
-the framing are checked earlier still, by ``deltagw.request_framing``.
+are set with the head (`deltagw.web.site.GatewayRequest`); the body limit and
+the framing are checked earlier still, by ``deltagw.web.request_framing``.
 Rejections here are JSON like every other gateway answer.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
-from deltagw.cors import CorsPolicy
+from deltagw.web.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.headers import trace_context
+from deltagw.upstream.forwarding import trace_context
 from deltagw.logs import get_logger
-from deltagw.site import GatewayRequest
+from deltagw.web.site import GatewayRequest
 from deltagw.speedups import held_writes
 
 _log = get_logger(component="access")

@@ -3,7 +3,7 @@
 A composed row of the route table (``Route.parts``) is answered by
 the gateway itself: it makes each part's upstream call at the same time,
 through the same in-flight cap, circuit breaker, retry policy and timeout as
-a forwarded call of that part's row (`deltagw.proxy.Proxy.fetch_json`),
+a forwarded call of that part's row (`deltagw.upstream.proxy.Proxy.fetch_json`),
 shrinks each answer to what a dashboard shows, and returns one document:
 
     {"product": "NIFTY", "underlying": {...} | null, "chain": {...} | null,
@@ -34,9 +34,9 @@ from deltagw.errors import (
     write_error,
 )
 from deltagw.metrics import Metrics
-from deltagw.proxy import Proxy
+from deltagw.upstream.proxy import Proxy
 from deltagw.routes import Part, Route, part_route
-from deltagw.upstream import Header
+from deltagw.upstream.client import Header
 
 Summary = Callable[[Any], Any]
 
@@ -172,7 +172,7 @@ class Composer:
         proxy: Makes each call through the shared breakers and in-flight caps.
         metrics: Where each part's upstream call is observed.
         path_for: The upstream path of a row for the path parameters,
-            refusing unsafe values (``deltagw.app.upstream_path``).
+            refusing unsafe values (``deltagw.web.application.upstream_path``).
     """
 
     def __init__(

@@ -47,7 +47,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from deltagw.headers import connection_named
+from deltagw.upstream.forwarding import connection_named
 from deltagw.http_syntax import has_bare_cr, has_controls, is_token
 from deltagw.speedups import held_writes
 
@@ -83,7 +83,7 @@ class NoResponse(_ConnectionFailure):
     """The connection ended before any byte of an answer arrived.
 
     The upstream may never have seen the request: a safe method can be
-    tried again (``deltagw.retry``).
+    tried again (``deltagw.upstream.retry``).
     """
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from deltagw.auth import (
+from deltagw.policy.token_verifiers import (
     AuthUnavailable,
     CachingVerifier,
     Identity,

@@ -65,7 +65,7 @@ from zope.interface import implementer
 from deltagw.config import SETTINGS, ConfigError, Settings
 from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
 from deltagw.speedups import turn_taking
-from deltagw.systemd import SystemdNotifier
+from deltagw.process.systemd import SystemdNotifier
 
 _log = get_logger(component="workers")
 

@@ -2,7 +2,7 @@
 
 Before a call, the service's in-flight cap (load shedding) and circuit
 breaker may answer 503 at once; the wait for response headers is retried
-where that is safe (``deltagw.retry``); the response body is then relayed
+where that is safe (``deltagw.upstream.retry``); the response body is then relayed
 chunk by chunk as it arrives, registered as a push producer on the client's
 request so that a slow client slows the upstream instead of filling the
 gateway's memory.
@@ -46,13 +46,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from deltagw.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
+from deltagw.upstream.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.errors import UpstreamUnavailable
-from deltagw.headers import copy_response_headers
+from deltagw.upstream.forwarding import copy_response_headers
 from deltagw.logs import get_logger
-from deltagw.retry import RetryPolicy, call_with_retries
+from deltagw.upstream.retry import RetryPolicy, call_with_retries
 from deltagw.routes import SERVICES, Service
-from deltagw.upstream import (
+from deltagw.upstream.client import (
     NO_BODY_CODES,
     ConnectionPool,
     Header,
@@ -123,7 +123,7 @@ class UpstreamClient:
     """The process-wide HTTP clients for every upstream call.
 
     Forwarded and composed calls go through ``pool``, a lean HTTP/1.1 client
-    (``deltagw.upstream``): twisted.web's Agent and treq cost a third of the
+    (``deltagw.upstream.client``): twisted.web's Agent and treq cost a third of the
     gateway's CPU per proxied request (``make bench``), and treq's decoder
     would re-encode bodies a proxy must pass through byte for byte. treq
     (``http``) serves the gateway's own JSON calls (token verification), on
@@ -359,7 +359,7 @@ class Proxy:
     ) -> tuple[int, Any]:
         """GET ``url`` and return its status and JSON body, buffered.
 
-        For the gateway's own composed answers (``deltagw.bff``): the call
+        For the gateway's own composed answers (``deltagw.web.composition``): the call
         passes the same in-flight cap, circuit breaker and retry policy as a
         forwarded one, but its body is read into memory (at most
         ``max_bytes``) instead of being relayed. The whole exchange, headers

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from deltagw import __version__
-from deltagw.authentication import OPTIONAL, REQUIRED, auth_policy
-from deltagw.limits import RateLimits
+from deltagw.policy.route_access import OPTIONAL, REQUIRED, auth_policy
+from deltagw.policy.rate_limits import RateLimits
 from deltagw.routes import API_PREFIXES, QueryParam, Route
 
 OPENAPI_VERSION = "3.0.3"
@@ -249,7 +249,7 @@ PATH_PARAMS: dict[str, tuple[str, str]] = {
 PATH_VALUE_PATTERN = r"^\.?(?:[^./\\\x00-\x1f\x7f]+\.)*[^./\\\x00-\x1f\x7f]+\.?$"
 """What the gateway lets through as a path parameter value.
 
-The positive form of ``deltagw.app._UNSAFE_PARAM``: no control character,
+The positive form of ``deltagw.web.application._UNSAFE_PARAM``: no control character,
 ``/`` or ``\\``, no ``..`` anywhere, and not ``.`` alone — every other value
 is forwarded, and these are answered 400 by the gateway itself. Written
 without look-arounds so that every generator and validator reads it alike

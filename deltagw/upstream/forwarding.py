@@ -267,7 +267,7 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
     Server: what runs the upstream is not disclosed, as nginx and Envoy
     do) are not taken from the upstream. The upstream client has already removed the
     framing fields (Content-Length, Transfer-Encoding, Connection) and the
-    fields Connection names (``deltagw.upstream``).
+    fields Connection names (``deltagw.upstream.client``).
     """
     seen: set[bytes] = set()
     for name, value in upstream:

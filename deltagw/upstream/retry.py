@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 
-from deltagw.upstream import NoResponse
+from deltagw.upstream.client import NoResponse
 
 T = TypeVar("T")
 

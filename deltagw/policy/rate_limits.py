@@ -18,10 +18,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
-from deltagw.auth import Identity
+from deltagw.policy.token_verifiers import Identity
 from deltagw.config import Settings
 from deltagw.errors import RETRY_AFTER_SECONDS, GatewayError, RateLimited
-from deltagw.ratelimit import Decision, LimiterUnavailable, RedisLimiter, TokenBucketLimiter
+from deltagw.policy.buckets import Decision, LimiterUnavailable, RedisLimiter, TokenBucketLimiter
 from deltagw.routes import Route
 
 REDIS_TIMEOUT = 0.05

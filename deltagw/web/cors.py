@@ -1,7 +1,7 @@
 """CORS belongs to the gateway: browsers see one origin policy, not three.
 
 Preflights are answered here without contacting an upstream, and any
-Access-Control-* field an upstream sends is dropped (``deltagw.headers``).
+Access-Control-* field an upstream sends is dropped (``deltagw.upstream.forwarding``).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 
-from deltagw.breaker import CircuitBreaker
+from deltagw.upstream.breaker import CircuitBreaker
 from deltagw.logs import get_logger
-from deltagw.site import GatewayChannel
+from deltagw.web.site import GatewayChannel
 
 _log = get_logger(component="drain")
 

@@ -1,7 +1,7 @@
 """The HTTP front door: the client connection, per-request state and the access log.
 
 twisted.web buffers a request body before any resource sees it; the body
-limit (MAX_BODY_BYTES) is enforced before that, by `deltagw.request_framing`,
+limit (MAX_BODY_BYTES) is enforced before that, by `deltagw.web.request_framing`,
 so a body that reaches a request is one the gateway accepts.
 """
 
@@ -23,10 +23,10 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
-from deltagw.headers import client_address, request_id
+from deltagw.upstream.forwarding import client_address, request_id
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
-from deltagw.request_framing import RequestFramer, RequestRejected
+from deltagw.web.request_framing import RequestFramer, RequestRejected
 from deltagw.speedups import channel_clock, held_writes
 
 _access_log = get_logger(component="access")
@@ -185,7 +185,7 @@ def _level_of(outcome: str, status: int) -> str:
 class GatewayChannel(http.HTTPChannel):
     """An HTTP channel that reads requests strictly and answers refusals in JSON.
 
-    Every byte a client sends passes `deltagw.request_framing` before
+    Every byte a client sends passes `deltagw.web.request_framing` before
     twisted.web's parser sees it; a refused request is answered once the
     requests before it have been, and the connection is then closed. The
     whole request must arrive within CLIENT_TIMEOUT: twisted.web's idle
