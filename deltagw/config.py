@@ -19,6 +19,9 @@ from twisted.internet.endpoints import serverFromString
 from deltagw.logs import LEVELS
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+"""An address range, as TRUSTED_PROXIES and METRICS_ALLOW list them."""
+
 GUARDABLE_GROUPS = frozenset({"data", "analytics"})
 """Route groups that REQUIRE_AUTH may put behind a token."""
 
@@ -122,9 +125,8 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
-def _networks(
-    text: str,
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(text: str) -> tuple[Network, ...]:
+    """Comma-separated CIDRs or addresses (a bare address is a /32 or /128)."""
     return tuple(
         ipaddress.ip_network(part.strip(), strict=False)
         for part in text.split(",")
@@ -279,7 +281,7 @@ class Settings:
     verify_timeout: float
     cors_origins: tuple[str, ...]
     max_body_bytes: int
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    trusted_proxies: tuple[Network, ...]
     require_auth: frozenset[str]
     verify_cache_ttl: float
     jwt_secret: str | None
@@ -302,7 +304,7 @@ class Settings:
     busy_poll_us: int
     speedups: bool
     shutdown_grace: float
-    metrics_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    metrics_allow: tuple[Network, ...]
     log_level: str
     server_field: bytes | None
     upstream_tls_verify: bool

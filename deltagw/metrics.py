@@ -34,9 +34,9 @@ from prometheus_client import (
 from prometheus_client.exposition import generate_latest
 
 from deltagw import __version__
+from deltagw.config import Network
 from deltagw.routes import ROUTES, SERVICES, Route, Service
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 """The text exposition format `generate_latest` writes (prometheus_client's
@@ -208,25 +208,6 @@ class Metrics:
         """Count one request refused by the rate limiter."""
         self._child(self._rate_limited, group if group in self._groups else OTHER).inc()
 
-    def circuit_state(self, service: str, state: str) -> None:
-        """Set a service's breaker state (``closed``, ``half_open``, ``open``).
-
-        Fits `deltagw.upstream.breaker.CircuitBreaker`'s ``on_transition`` callback:
-        ``on_transition=lambda name, old, new: metrics.circuit_state(name, new)``.
-
-        Raises:
-            ValueError: an unknown state (a programming error).
-        """
-        try:
-            value = CIRCUIT_STATES[state]
-        except KeyError:
-            raise ValueError(f"unknown circuit state {state!r}") from None
-        self._child(self._circuit, self._service_label(service)).set(value)
-
-    def in_flight(self, service: str, delta: int) -> None:
-        """Add ``delta`` (+1 when a call starts, -1 when it ends) to a service's gauge."""
-        self._child(self._in_flight, self._service_label(service)).inc(delta)
-
     def watch(
         self,
         in_flight: Mapping[str, int] | None = None,
@@ -235,11 +216,9 @@ class Metrics:
     ) -> None:
         """Read the in-flight, circuit and rate limiter gauges at scrape time.
 
-        An alternative to calling `in_flight` and `circuit_state` on every
-        change: the proxy already keeps both (``Proxy.in_flight``,
-        ``Proxy.breakers``), so the gauges just read them when scraped and
-        the request path does nothing at all. After this, the gauges of the
-        watched services ignore `in_flight` / `circuit_state` calls.
+        The proxy already keeps both (``Proxy.in_flight``, ``Proxy.breakers``),
+        so the gauges read them when scraped and the request path does
+        nothing at all.
 
         Args:
             in_flight: Calls in flight by service name.
@@ -274,17 +253,6 @@ def _reader(counts: Mapping[str, int], name: str) -> Callable[[], float]:
 
 def _state_reader(breaker: Any) -> Callable[[], float]:
     return lambda: float(CIRCUIT_STATES.get(breaker.state, 0))
-
-
-def parse_allow(text: str) -> tuple[Network, ...]:
-    """Parse METRICS_ALLOW: comma-separated CIDRs or addresses; empty = everyone.
-
-    Raises:
-        ValueError: an entry that is not an address or network.
-    """
-    return tuple(
-        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
-    )
 
 
 def metrics_allowed(client_address: str, allow: tuple[Network, ...]) -> bool:

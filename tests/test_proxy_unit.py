@@ -74,7 +74,11 @@ def test_header_timeout_cancels_and_answers_503():
     clock = Clock()
     client = HangingClient()
     request = FakeRequest()
-    d = defer.ensureDeferred(Proxy(clock, client).forward(request, STORAGE, "http://s/products", Headers(), 10))
+    d = defer.ensureDeferred(
+        Proxy(clock, client).forward(
+            request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream
+        )
+    )
     clock.advance(9.999)
     assert not d.called and client.cancelled == 0
     clock.advance(0.001)

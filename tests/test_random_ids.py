@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from deltagw.upstream.forwarding import random_hex, request_id, trace_context
+from deltagw.web.request_identity import random_hex, request_id, trace_context
 
 
 def test_ids_are_hex_of_the_asked_size_and_never_repeat_across_refills() -> None:

@@ -51,9 +51,10 @@ class ScriptedClient:
         return defer.fail(error.ConnectionRefusedError())
 
 
-def _forward(proxy: Proxy, request: FakeRequest | None = None) -> defer.Deferred[None]:
+def _forward(proxy: Proxy, request: FakeRequest | None = None) -> defer.Deferred[Any]:
+    request = request or FakeRequest()
     return defer.ensureDeferred(
-        proxy.forward(request or FakeRequest(), STORAGE, "http://s/products", Headers(), 10)
+        proxy.forward(request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream)
     )
 
 
@@ -157,7 +158,7 @@ def test_shedding_is_per_service() -> None:
     proxy = Proxy(Clock(), ScriptedClient(hang=True), max_in_flight=1)
     storage = _forward(proxy)
     analytics = defer.ensureDeferred(
-        proxy.forward(FakeRequest(), ANALYTICS, "http://a/pcr/X", Headers(), 10)
+        proxy.forward(FakeRequest(), ANALYTICS, "http://a/pcr/X", Headers(), 10, FakeRequest().note_upstream)
     )
     assert proxy.in_flight == {"auth": 0, "storage": 1, "analytics": 1}
     assert not analytics.called

@@ -10,6 +10,7 @@ gateway's memory.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.error import SchemeNotSupported
+from twisted.web import http
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
@@ -187,6 +189,23 @@ def failure_reason(failure: Failure) -> str:
     return "error"
 
 
+class RelayEnding(enum.Enum):
+    """How the relay of a forwarded answer ended; the caller acts on the client side.
+
+    The proxy never closes the client's connection nor records why a
+    request ended: it says what happened, and the web layer decides.
+    """
+
+    COMPLETE = "complete"
+    """The whole answer went to the client."""
+    UPSTREAM_CUT = "upstream_cut"
+    """The upstream body broke after part of the answer was written: the client's
+    connection must close, else it would take a truncated body for complete."""
+    CLIENT_SLOW = "client_slow"
+    """The client read nothing for CLIENT_TIMEOUT: its connection must close,
+    with nothing left to flush to a reader that reads nothing."""
+
+
 class BodyInterrupted(Exception):
     """The upstream body stopped (stalled past the timeout, or was cut)."""
 
@@ -214,7 +233,8 @@ class _BodyRelay(Protocol):
     """
 
     def __init__(
-        self, request: Any, reactor: IReactorTime, upstream_timeout: float, client_timeout: float
+        self, request: http.Request, reactor: IReactorTime, upstream_timeout: float,
+        client_timeout: float,
     ) -> None:
         self._request = request
         self._reactor = reactor
@@ -320,16 +340,31 @@ class Proxy:
 
     async def forward(
         self,
-        request: Any,
+        request: http.Request,
         service: Service,
         url: str,
         headers: list[Header] | None,
         timeout: float,
-    ) -> None:
+        note: Note,
+    ) -> RelayEnding:
         """Send ``request`` to ``url`` and relay the response to the client.
 
         The call counts as in flight for its service from before it is sent
         until the body relay ends, so shedding caps real upstream load.
+
+        Args:
+            request: The client's request: its method and body are sent, and
+                the answer is written to it.
+            service: The upstream service.
+            url: Full upstream URL, query included.
+            headers: Request header fields, ``(name, value)`` pairs.
+            timeout: Seconds to wait for response headers, and between body chunks.
+            note: Called as ``note(service_name, started, failure_or_None)``
+                for the headers' outcome and for any body failure.
+
+        Returns:
+            How the relay ended; on anything but `RelayEnding.COMPLETE` the
+            caller must close the client's connection.
 
         Raises:
             UpstreamUnavailable: nothing has been written yet, and either the
@@ -337,14 +372,14 @@ class Proxy:
                 headers arrived (refused, reset, timed out, invalid HTTP).
         """
         started = self._reactor.seconds()
-        breaker = self._admit(service, started, request.note_upstream)
+        breaker = self._admit(service, started, note)
         self.in_flight[service.name] += 1
         try:
             response = await self._response_headers(
-                request.method, _body_of(request), request.note_upstream,
+                request.method, _body_of(request), note,
                 service, url, headers, timeout, breaker, started,
             )
-            await self._relay(request, service, response, timeout, started)
+            return await self._relay(request, note, service, response, timeout, started)
         finally:
             self.in_flight[service.name] -= 1
 
@@ -372,7 +407,7 @@ class Proxy:
             timeout: Seconds for the whole call (the service's timeout).
             note: Called as ``note(service_name, started, failure_or_None)``
                 for the headers' outcome and any body failure, like
-                ``GatewayRequest.note_upstream`` for forwarded calls.
+                for forwarded calls.
             max_bytes: Largest body accepted.
 
         Returns:
@@ -475,9 +510,9 @@ class Proxy:
         return response
 
     async def _relay(
-        self, request: Any, service: Service, response: UpstreamResponse, timeout: float,
-        started: float,
-    ) -> None:
+        self, request: http.Request, note: Note, service: Service, response: UpstreamResponse,
+        timeout: float, started: float,
+    ) -> RelayEnding:
         """Write the upstream's status, headers and body to the client.
 
         Raises:
@@ -510,19 +545,14 @@ class Proxy:
                 await relay.done
             except ClientTooSlow:
                 # The client's fault, not the upstream's: no failure noted.
-                request.outcome = "client_slow"
-                await _abort(request, flush=False)  # it reads nothing to flush to
-                return
+                return RelayEnding.CLIENT_SLOW
             except BodyInterrupted as e:
-                request.note_upstream(service.name, started, f"body_{e.reason}")
+                note(service.name, started, f"body_{e.reason}")
                 if not request.startedWriting:
                     request.responseHeaders = ours
                     raise UpstreamUnavailable(service, f"body_{e.reason}") from None
-                await _abort(request)
-                return
-        if response.code >= 400:
-            # Only once relayed whole: a client that leaves before is client_closed.
-            request.outcome = "upstream_error"
+                return RelayEnding.UPSTREAM_CUT
+        return RelayEnding.COMPLETE
 
 
 _NO_RETRY = RetryPolicy(retries=0)
@@ -618,7 +648,7 @@ def _log_transition(service: str, old: str, new: str) -> None:
              level="warning" if new == OPEN else "info")
 
 
-def _body_of(request: Any) -> bytes | None:
+def _body_of(request: http.Request) -> bytes | None:
     """The buffered request body, or None when the request has none.
 
     twisted.web has already read it (at most MAX_BODY_BYTES); a retry sends
@@ -630,24 +660,3 @@ def _body_of(request: Any) -> bytes | None:
     if not body and not request.requestHeaders.hasHeader(b"content-length"):
         return None
     return body
-
-
-async def _abort(request: Any, flush: bool = True) -> None:
-    """Close the client connection mid-response and wait until it is gone.
-
-    Finishing the response normally would tell the client a truncated body
-    was complete. With a Content-Length or chunked framing the client can
-    tell a body cut short by the close (RFC 9112 §8), so the bytes already
-    written go out first (unless ``flush`` is false: a client that reads
-    nothing would hold them for ever); without either, only an aborted
-    connection cannot be mistaken for success.
-    """
-    finished = request.notifyFinish()
-    if flush and (request.chunked or request.responseHeaders.hasHeader(b"content-length")):
-        request.transport.loseConnection()
-    else:
-        request.transport.abortConnection()
-    try:
-        await finished
-    except Exception:
-        pass

@@ -40,7 +40,8 @@ from deltagw.errors import (
     json_response,
     write_error,
 )
-from deltagw.upstream.forwarding import chained, forwarded_element, is_trusted_peer, upstream_request_headers
+from deltagw.upstream.forwarding import chained, forwarded_element, upstream_request_headers
+from deltagw.web.request_identity import is_trusted_peer
 from deltagw.http_syntax import is_host
 from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import get_logger
@@ -147,7 +148,10 @@ class Gateway:
         url = self._upstream_url(route, request, params)
         headers = self._upstream_headers(request, route, identity)
         timeout = self.settings.upstream_timeout(route.service.name)
-        await self.proxy.forward(request, route.service, url, headers, timeout)
+        ending = await self.proxy.forward(
+            request, route.service, url, headers, timeout, request.note_upstream
+        )
+        await request.relay_ended(ending)
         return None
 
     async def _admit(self, route: Route, request: Any) -> Identity | None:

@@ -16,7 +16,7 @@ from twisted.web.resource import IResource, Resource
 
 from deltagw.web.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.upstream.forwarding import trace_context
+from deltagw.web.request_identity import trace_context
 from deltagw.logs import get_logger
 from deltagw.web.site import GatewayRequest
 from deltagw.speedups import held_writes

@@ -23,9 +23,10 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
-from deltagw.upstream.forwarding import client_address, request_id
+from deltagw.web.request_identity import client_address, request_id
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
+from deltagw.upstream.proxy import RelayEnding
 from deltagw.web.request_framing import RequestFramer, RequestRejected
 from deltagw.speedups import channel_clock, held_writes
 
@@ -133,6 +134,37 @@ class GatewayRequest(server.Request):
         if failure is not None:
             self.log_fields["upstream_failure"] = failure
             self.outcome = self.outcome or upstream_outcome(failure)
+
+    async def relay_ended(self, ending: RelayEnding) -> None:
+        """Record how a forwarded answer's relay ended; close the connection if it must."""
+        if ending is RelayEnding.COMPLETE:
+            if self.code >= 400:
+                # Only once relayed whole: a client that leaves before is client_closed.
+                self.outcome = "upstream_error"
+            return
+        if ending is RelayEnding.CLIENT_SLOW:
+            self.outcome = "client_slow"
+        # A client that reads nothing would hold flushed bytes for ever.
+        await self._close_mid_response(flush=ending is RelayEnding.UPSTREAM_CUT)
+
+    async def _close_mid_response(self, flush: bool) -> None:
+        """Close the client connection mid-response and wait until it is gone.
+
+        Finishing the response normally would tell the client a truncated body
+        was complete. With a Content-Length or chunked framing the client can
+        tell a body cut short by the close (RFC 9112 §8), so the bytes already
+        written go out first (unless ``flush`` is false); without either, only
+        an aborted connection cannot be mistaken for success.
+        """
+        finished = self.notifyFinish()
+        if flush and (self.chunked or self.responseHeaders.hasHeader(b"content-length")):
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+        try:
+            await finished
+        except Exception:
+            pass
 
     def connectionLost(self, reason: Any) -> None:
         if not self.finished and self.started:
