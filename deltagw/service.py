@@ -23,7 +23,8 @@ from deltagw.web.application import Gateway
 from deltagw.policy.token_verifiers import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
 from deltagw.policy.route_access import Authenticator
 from deltagw.config import ConfigError, Settings
-from deltagw.process.drain import DrainService, RequestTracker
+from deltagw.process.drain import DrainService
+from deltagw.web.request_tracker import RequestTracker
 from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import LogFlusher, get_logger, observer, set_least_level
 from deltagw.metrics import Metrics

@@ -21,7 +21,8 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from deltagw.upstream.breaker import CircuitBreaker
-from deltagw.process.drain import DrainService, RequestTracker
+from deltagw.process.drain import DrainService
+from deltagw.web.request_tracker import RequestTracker
 from deltagw.config import load_settings
 from deltagw.web.site import GatewaySite
 from deltagw.routes import ROUTES_BY_NAME

@@ -7,85 +7,36 @@ seconds to finish with their real responses. While draining,
 ``/health/ready`` answers 503 and responses carry ``Connection: close`` so
 keep-alive clients move elsewhere.
 
-twistd's own SIGTERM handler (``ReactorBase.sigTerm``) stops the reactor
-*and* records the signal; after the reactor stops, twistd re-raises it, so
-the process dies by signal 15 (exit status 143) however cleanly it drained.
-A drain that completed is a normal exit, so `DrainService` replaces that
-handler with one that only stops the reactor: the shutdown (and the drain,
-in ``stopService``) is the same, the exit status is 0.
+A drain that completed is a normal exit: `DrainService` takes SIGTERM over
+from twistd's reactor (`deltagw.process.signals`), so the shutdown (and the
+drain, in ``stopService``) is the same and the exit status is 0, not 143.
 """
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.web.resource import IResource, Resource
 
 from deltagw.upstream.breaker import CircuitBreaker
 from deltagw.logs import get_logger
-from deltagw.web.site import GatewayChannel
+from deltagw.process.signals import SignalHandler
 
 _log = get_logger(component="drain")
 
 
-class RequestTracker(Resource):
-    """Wraps the root resource to count the requests being answered.
+class InFlightRequests(Protocol):
+    """What the drain needs to know of the requests being answered
+    (`deltagw.web.request_tracker.RequestTracker`)."""
 
-    A request counts from the moment it is rendered until its response is
-    finished or its client goes away (``notifyFinish`` fires either way);
-    while draining, until its connection is closed, since a finished
-    response may still sit in the socket's buffer.
-    """
-
-    isLeaf = True
-
-    def __init__(self, wrapped: IResource) -> None:
-        super().__init__()
-        self.wrapped = wrapped
-        self.in_flight = 0
-        self.draining = False
-        self._idle: list[defer.Deferred[None]] = []
-
-    def render(self, request: Any) -> Any:
-        if self.draining:
-            # What twisted.web does for a client that asked for Connection:
-            # close (HTTPChannel.checkPersistence): say it, then close after
-            # the response, so no new request arrives on this connection.
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            request.channel.persistent = False
-        self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished, request.channel)
-        return self.wrapped.render(request)
-
-    def _finished(self, _: object, channel: Any) -> None:
-        if self.draining and isinstance(channel, GatewayChannel):
-            # A process that exits now would drop the response's last bytes:
-            # close the connection once they are written, and count the
-            # request until then.
-            channel.transport.loseConnection()
-            channel.when_closed().addBoth(self._done)
-            return
-        self._done(None)
-
-    def _done(self, _: object) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            waiting, self._idle = self._idle, []
-            for d in waiting:
-                d.callback(None)
+    draining: bool
+    in_flight: int
 
     def idle(self) -> defer.Deferred[None]:
-        """A Deferred that fires once no request is in flight."""
-        if self.in_flight == 0:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred(lambda d: self._idle.remove(d))
-        self._idle.append(d)
-        return d
+        """Fires once no request is in flight."""
 
 
 class DrainService(MultiService):
@@ -101,7 +52,7 @@ class DrainService(MultiService):
     def __init__(
         self,
         reactor: Any,
-        tracker: RequestTracker,
+        tracker: InFlightRequests,
         breakers: Mapping[str, CircuitBreaker],
         grace: float,
     ) -> None:
@@ -110,7 +61,7 @@ class DrainService(MultiService):
         self._tracker = tracker
         self._breakers = breakers
         self._grace = grace
-        self._previous_handler: Any = None
+        self._sigterm = SignalHandler(reactor, signal.SIGTERM, self._stop_reactor)
         self._stop_requested = False
         self._stopping: defer.Deferred[None] | None = None
 
@@ -139,21 +90,8 @@ class DrainService(MultiService):
         self._reactor.callWhenRunning(self._take_sigterm)
 
     def _take_sigterm(self) -> None:
-        """Replace the reactor's SIGTERM handler with ours, if it has one.
-
-        Only a reactor that handles SIGTERM itself (as under twistd) loses
-        it; in tests or when embedded, whoever owns the signal keeps it.
-        """
-        current = signal.getsignal(signal.SIGTERM)
-        if self.running and getattr(current, "__self__", None) is self._reactor:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._sigterm)
-
-    def _sigterm(self, signum: int, frame: FrameType | None) -> None:
-        """Stop the reactor without recording an exit signal (exit status 0).
-
-        Signal-handler context: only ``callFromThread`` is safe here.
-        """
-        self._reactor.callFromThread(self._stop_reactor)
+        if self.running:
+            self._sigterm.install_if_the_reactor_owns_it()
 
     def _stop_reactor(self) -> None:
         if self._stop_requested:
@@ -189,7 +127,5 @@ class DrainService(MultiService):
         finally:
             # Only now: a second SIGTERM during the drain must not reach the
             # reactor's handler, which would make the exit status 143.
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)
-                self._previous_handler = None
+            self._sigterm.restore()
 

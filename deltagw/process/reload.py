@@ -18,6 +18,7 @@ from twisted.application.service import Service
 
 from deltagw.config import SETTINGS, ConfigError, Settings, load_settings
 from deltagw.logs import get_logger
+from deltagw.process.signals import SignalHandler
 
 _log = get_logger(component="config")
 _KNOWN = {setting.env for setting in SETTINGS}
@@ -114,24 +115,19 @@ class ConfigReloader(Service):
         self._options = dict(options)
         self._apply = apply
         self._current = current
-        self._previous_handler: Any = None
+        self._sighup = SignalHandler(reactor, signal.SIGHUP, self.reload)
 
     def startService(self) -> None:
         global _sighup_held
         super().startService()
-        self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
+        self._sighup.install()
         if _sighup_held:
             _sighup_held = False
             self._reactor.callFromThread(self.reload)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.reload)
+        self._sighup.restore()
 
     def reload(self) -> bool:
         """Read the file again; apply it if valid. Returns whether it was applied."""

@@ -51,7 +51,6 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -65,6 +64,7 @@ from zope.interface import implementer
 from deltagw.config import SETTINGS, ConfigError, Settings
 from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
 from deltagw.speedups import turn_taking
+from deltagw.process.signals import SignalHandler
 from deltagw.process.systemd import SystemdNotifier
 
 _log = get_logger(component="workers")
@@ -409,8 +409,10 @@ class WorkerSupervisor(MultiService):
         self.port: Any = None
         self._port_description = settings.port
         self._stopping: defer.Deferred[None] | None = None
-        self._previous_handler: Any = None
-        self._previous_hup_handler: Any = None
+        # As DrainService does for a single process: a supervisor whose
+        # workers all drained exits 0, not 143.
+        self._sigterm = SignalHandler(reactor, signal.SIGTERM, self._stop_reactor)
+        self._sighup = SignalHandler(reactor, signal.SIGHUP, self.reload_workers)
         self._stop_requested = False
         self._none_running: list[defer.Deferred[None]] = []
         self.notifier = SystemdNotifier(reactor, environ, ready=self._bound)
@@ -473,28 +475,12 @@ class WorkerSupervisor(MultiService):
     def _start_workers(self) -> None:
         if not self.running:
             return
-        self._take_sigterm()
+        self._sigterm.install_if_the_reactor_owns_it()
         if self._config_file:
-            self._previous_hup_handler = signal.signal(signal.SIGHUP, self._sighup)
+            self._sighup.install()
         _log.msg("workers_starting", workers=self.settings.workers, port=self._port_description)
         for slot in self.slots:
             self._spawn(slot)
-
-    def _take_sigterm(self) -> None:
-        # As DrainService does for a single process: twistd re-raises SIGTERM
-        # after the reactor stops (exit status 143); a supervisor whose
-        # workers all drained exits 0. Only when the reactor owns SIGTERM.
-        current = signal.getsignal(signal.SIGTERM)
-        if getattr(current, "__self__", None) is self._reactor:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._sigterm)
-
-    def _sigterm(self, signum: int, frame: FrameType | None) -> None:
-        """Signal-handler context: only ``callFromThread`` is safe here."""
-        self._reactor.callFromThread(self._stop_reactor)
-
-    def _sighup(self, signum: int, frame: FrameType | None) -> None:
-        """Signal-handler context: only ``callFromThread`` is safe here."""
-        self._reactor.callFromThread(self.reload_workers)
 
     def reload_workers(self) -> None:
         """Have every worker re-read the config file (each one's SIGHUP)."""
@@ -575,12 +561,8 @@ class WorkerSupervisor(MultiService):
         finally:
             # Only now: a SIGTERM while the workers drain must not reach the
             # reactor's handler, which would make the exit status 143.
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)
-                self._previous_handler = None
-            if self._previous_hup_handler is not None:
-                signal.signal(signal.SIGHUP, self._previous_hup_handler)
-                self._previous_hup_handler = None
+            self._sigterm.restore()
+            self._sighup.restore()
 
     async def _stop_workers(self) -> None:
         await super().stopService()  # the notifier: STOPPING=1
