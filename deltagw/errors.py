@@ -111,6 +111,17 @@ class RateLimited(GatewayError):
     outcome = "rate_limited"
 
 
+class RateLimiterUnavailable(GatewayError):
+    """Redis could not decide and the limiter fails closed."""
+
+    status = 503
+    message = "Rate limit service unavailable"
+    outcome = "rate_limiter_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(headers=[(b"Retry-After", str(RETRY_AFTER_SECONDS).encode("ascii"))])
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     message = "Request body too large"
@@ -214,3 +225,17 @@ def write_error(request: IRequest, error: GatewayError) -> bytes:
     return json_response(
         request, problem_document(error.status, error.message, request_id), content_type
     )
+
+
+class CompositionUnavailable(GatewayError):
+    """No part of a composed route could be had (503, ``Retry-After``)."""
+
+    status = 503
+    outcome = "upstream_all_failed"
+
+    def __init__(self, titles: list[str], retry_after: int) -> None:
+        noun = "service" if len(titles) == 1 else "services"
+        super().__init__(
+            f"{' and '.join(titles)} {noun} unavailable",
+            headers=[(b"Retry-After", str(max(1, retry_after)).encode("ascii"))],
+        )

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
-from deltagw.policy.buckets import BUCKET_SCRIPT_SHA, Decision, LimiterUnavailable, RedisLimiter
+from deltagw.policy.buckets import BUCKET_SCRIPT_SHA, Decision, RedisUnavailable, RedisLimiter
 from tests.redis_server import RedisServer
 
 reactor: Any = _reactor
@@ -156,11 +156,11 @@ def test_outage_fails_open_counts_and_logs_once(
 def test_outage_fails_closed(
     make_limiter: Any, redis_server: RedisServer
 ) -> Generator[Any, Any, None]:
-    """With fail_open=False an outage raises LimiterUnavailable (the gateway's 503)."""
+    """With fail_open=False an outage raises RedisUnavailable (the gateway's 503)."""
     limiter = make_limiter(fail_open=False)
     yield connected(limiter)
     redis_server.stop()
-    with pytest.raises(LimiterUnavailable):
+    with pytest.raises(RedisUnavailable):
         yield limiter.consume("erin")
     assert limiter.failures == 1
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
-from tests.support import RawUpstream, listen, wait_until
+from tests.support import listen, wait_until
 
 BODY_BYTES = 32 * 1024 * 1024
 """More than the loopback socket buffers of both connections hold."""

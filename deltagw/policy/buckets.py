@@ -49,7 +49,7 @@ exploit, or even measure across a network.
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 
-class LimiterUnavailable(Exception):
+class RedisUnavailable(Exception):
     """The shared limiter could not decide (Redis down or slow), fail-closed.
 
     The gateway answers 503: refusing with 429 would blame the client for our
@@ -540,7 +540,7 @@ class RedisLimiter:
     a short per-call timeout. Buckets expire in Redis once full.
 
     When Redis is down, slow or erroring, ``fail_open`` decides: allow (and
-    count in ``failures``), or raise `LimiterUnavailable`. Either way one log
+    count in ``failures``), or raise `RedisUnavailable`. Either way one log
     line marks the start of the outage and one its end, never one per request.
 
     The client is a minimal RESP2 pipeline on a `ClientService` instead of
@@ -581,7 +581,7 @@ class RedisLimiter:
             timeout: Seconds one decision may take before Redis counts as
                 unavailable; keep it well under a request's latency budget.
             fail_open: Allow requests when Redis cannot decide (True), or
-                raise `LimiterUnavailable` (False).
+                raise `RedisUnavailable` (False).
             password: Sent with AUTH on each connection, if given.
             db: Database number selected on each connection.
             max_pending: Replies a connection may owe before calls fail fast
@@ -691,7 +691,7 @@ class RedisLimiter:
         Returns:
             A Deferred firing with the decision. When Redis cannot decide
             within ``timeout``: an allowing decision if ``fail_open``, else a
-            failure with `LimiterUnavailable`. Cancelling it (the client went
+            failure with `RedisUnavailable`. Cancelling it (the client went
             away) cancels the wait, not the bucket update.
         """
         protocol = self._protocol
@@ -757,7 +757,7 @@ class RedisLimiter:
         """Count a decision Redis could not make, and apply ``fail_open``.
 
         Raises:
-            LimiterUnavailable: ``fail_open`` is False.
+            RedisUnavailable: ``fail_open`` is False.
         """
         self.failures += 1
         if self._outage_since is None:
@@ -770,7 +770,7 @@ class RedisLimiter:
             )
         self._outage_failures += 1
         if not self.fail_open:
-            raise LimiterUnavailable("rate limiter backend unavailable") from failure.value
+            raise RedisUnavailable("rate limiter backend unavailable") from failure.value
         # As if this client's bucket were full: the most generous honest guess.
         return _decision(
             True, self._capacity - 1, self._capacity, self._window, self._policy

@@ -20,23 +20,12 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
 from deltagw.policy.token_verifiers import Identity
 from deltagw.config import Settings
-from deltagw.errors import RETRY_AFTER_SECONDS, GatewayError, RateLimited
-from deltagw.policy.buckets import Decision, LimiterUnavailable, RedisLimiter, TokenBucketLimiter
+from deltagw.errors import RateLimited, RateLimiterUnavailable
+from deltagw.policy.buckets import Decision, RedisUnavailable, RedisLimiter, TokenBucketLimiter
 from deltagw.routes import Route
 
 REDIS_TIMEOUT = 0.05
 """Seconds a Redis decision may take before the limiter fails open (or closed)."""
-
-
-class RateLimiterUnavailable(GatewayError):
-    """Redis could not decide and the limiter fails closed."""
-
-    status = 503
-    message = "Rate limit service unavailable"
-    outcome = "rate_limiter_unavailable"
-
-    def __init__(self) -> None:
-        super().__init__(headers=[(b"Retry-After", str(RETRY_AFTER_SECONDS).encode("ascii"))])
 
 
 def redis_endpoint(reactor: Any, url: str) -> tuple[Any, str | None, int]:
@@ -129,7 +118,7 @@ class RateLimits(Service):
         if isinstance(decision, defer.Deferred):
             try:
                 decision = await decision
-            except LimiterUnavailable:
+            except RedisUnavailable:
                 raise RateLimiterUnavailable() from None
         if not decision.allowed:
             raise RateLimited(headers=decision.headers())

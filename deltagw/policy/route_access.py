@@ -5,7 +5,7 @@ verification outcome means for the client.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from twisted.web.iweb import IRequest
 
 from deltagw.policy.token_verifiers import (
     AuthUnavailable,
@@ -60,7 +60,7 @@ class Authenticator:
 
     async def identify(
         self,
-        request: Any,
+        request: IRequest,
         route: Route,
         before_verifying: Callable[[], Awaitable[object]],
     ) -> Identity | None:

@@ -15,10 +15,8 @@ from typing import Any
 from urllib.parse import quote
 
 from klein import Klein
-from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
@@ -30,6 +28,8 @@ from deltagw.config import Settings
 from deltagw.web.cors import CorsPolicy
 from deltagw.web.swagger_ui import SwaggerUIResource
 from deltagw.web.before_routing import EdgeResource
+from deltagw.web.route_lookup import DirectRoutes, RouteIndex
+from deltagw.web.site import GatewayRequest
 from deltagw.errors import (
     BadRequest,
     GatewayError,
@@ -129,10 +129,10 @@ class Gateway:
 
     def resource(self) -> IResource:
         """The root resource to serve: the edge wrapped around the routes."""
-        routed = DirectRoutes(self, self.app.resource())
+        routed = DirectRoutes(ROUTE_INDEX, self.dispatch, self.answer_failure, self.app.resource())
         return EdgeResource(routed, self.reactor, self.cors)
 
-    async def dispatch(self, route: Route, request: Any, params: dict[str, str]) -> Any:
+    async def dispatch(self, route: Route, request: GatewayRequest, params: dict[str, str]) -> Any:
         """Run one matched route: answered here, or forwarded upstream."""
         request.route = route.template
         identity = await self._admit(route, request)
@@ -154,7 +154,7 @@ class Gateway:
         await request.relay_ended(ending)
         return None
 
-    async def _admit(self, route: Route, request: Any) -> Identity | None:
+    async def _admit(self, route: Route, request: GatewayRequest) -> Identity | None:
         """Identify the caller, and spend the request's rate-limit token.
 
         A request with a verified identity spends from its user's budget,
@@ -184,7 +184,7 @@ class Gateway:
             await self._spend(route, request, None)
         return identity
 
-    async def _spend(self, route: Route, request: Any, identity: Identity | None) -> None:
+    async def _spend(self, route: Route, request: GatewayRequest, identity: Identity | None) -> None:
         """Spend one token of the user's budget, or of the address's without one."""
         try:
             decision = await self.limits.check(route, request.client_address, identity)
@@ -197,7 +197,7 @@ class Gateway:
                 set_raw(name, [value])
 
     def _upstream_headers(
-        self, request: Any, route: Route, identity: Identity | None
+        self, request: GatewayRequest, route: Route, identity: Identity | None
     ) -> list[Header]:
         """The header fields of one upstream request made for ``request``.
 
@@ -218,7 +218,7 @@ class Gateway:
             added=added,
         )
 
-    def _upstream_url(self, route: Route, request: Any, params: dict[str, str]) -> str:
+    def _upstream_url(self, route: Route, request: GatewayRequest, params: dict[str, str]) -> str:
         url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
         _, question, query = request.uri.partition(b"?")
         if question and query:
@@ -226,7 +226,7 @@ class Gateway:
         return url
 
     def _forwarding_fields(
-        self, request: Any, peer: str, believed: bool
+        self, request: GatewayRequest, peer: str, believed: bool
     ) -> list[tuple[bytes, bytes]]:
         """X-Forwarded-*, Forwarded (RFC 7239), the request id and trace context.
 
@@ -258,20 +258,20 @@ class Gateway:
         fields.extend((b"tracestate", value) for value in request.trace.tracestate)
         return fields
 
-    def _health(self, request: Any, identity: Identity | None) -> bytes:
+    def _health(self, request: GatewayRequest, identity: Identity | None) -> bytes:
         return json_response(request, {
             "status": "healthy", "service": self.settings.service_name, "version": __version__,
         })
 
-    def _health_ready(self, request: Any, identity: Identity | None) -> bytes:
+    def _health_ready(self, request: GatewayRequest, identity: Identity | None) -> bytes:
         status, document = self.readiness()
         request.setResponseCode(status)
         return json_response(request, document)
 
-    def _user_me(self, request: Any, identity: Identity) -> bytes:
+    def _user_me(self, request: GatewayRequest, identity: Identity) -> bytes:
         return json_response(request, {"user_id": identity.user_id, "email": identity.email})
 
-    def _docs(self, request: Any, identity: Identity | None) -> bytes:
+    def _docs(self, request: GatewayRequest, identity: Identity | None) -> bytes:
         document = openapi_document(
             ROUTES,
             self.settings.require_auth,
@@ -282,12 +282,12 @@ class Gateway:
         )
         return json_response(request, document)
 
-    def _docs_ui(self, request: Any, identity: Identity | None) -> IResource:
+    def _docs_ui(self, request: GatewayRequest, identity: Identity | None) -> IResource:
         # A branch route: Klein has put /api/docs/ui in prepath and the rest
         # (an asset name, or nothing for the page) in postpath.
         return self.docs_ui
 
-    def _metrics(self, request: Any, identity: Identity | None) -> bytes:
+    def _metrics(self, request: GatewayRequest, identity: Identity | None) -> bytes:
         if not metrics_allowed(request.client_address, self.settings.metrics_allow):
             raise NotFound()
         body, content_type = self.metrics.render()
@@ -295,135 +295,38 @@ class Gateway:
         request.setHeader(b"Cache-Control", b"no-store")
         return body
 
-    def preflight(self, request: Any, template: str, methods: list[str]) -> bytes:
+    def preflight(self, request: GatewayRequest, template: str, methods: list[str]) -> bytes:
         """Answer OPTIONS (a CORS preflight) without contacting an upstream."""
         # The template, never the raw path: it is the metrics' route label.
         request.route = template
         return self.cors.preflight(request, methods)
 
+    def answer_failure(self, request: GatewayRequest, failure: Failure) -> bytes:
+        """The JSON error answer for a failed handler: its own, or a 500 for a bug."""
+        if failure.check(GatewayError):
+            return self._gateway_error(request, failure)
+        return self._bug(request, failure)
+
     @app.handle_errors(GatewayError)
-    def _gateway_error(self, request: Any, failure: Failure) -> bytes:
+    def _gateway_error(self, request: GatewayRequest, failure: Failure) -> bytes:
         request.outcome = request.outcome or failure.value.outcome
         return write_error(request, failure.value)
 
     @app.handle_errors(WerkzeugNotFound)
-    def _not_found(self, request: Any, failure: Failure) -> bytes:
+    def _not_found(self, request: GatewayRequest, failure: Failure) -> bytes:
         request.outcome = "not_found"
         return write_error(request, NotFound())
 
     @app.handle_errors(WerkzeugMethodNotAllowed)
-    def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
+    def _method_not_allowed(self, request: GatewayRequest, failure: Failure) -> bytes:
         request.outcome = "method_not_allowed"
         return write_error(request, MethodNotAllowed(failure.value.valid_methods or ()))
 
     @app.handle_errors(Exception)
-    def _bug(self, request: Any, failure: Failure) -> bytes:
+    def _bug(self, request: GatewayRequest, failure: Failure) -> bytes:
         _log.err("unhandled_error", _stuff=failure, request_id=request.request_id.decode("ascii"))
         request.outcome = "internal_error"
         return write_error(request, GatewayError())
-
-
-class RouteIndex:
-    """The table's rows by public path: one dict lookup, or one regex a row.
-
-    Holds the rows a plain path names exactly; percent-escapes, subtrees,
-    OPTIONS and every miss are left to Klein, whose answers (decoding, 404,
-    405, preflight) are the reference.
-    """
-
-    def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._exact: dict[tuple[bytes, bytes], Route] = {}
-        self._templated: list[tuple[bytes, re.Pattern[bytes], Route]] = []
-        for route in routes:
-            if route.subtree:
-                continue
-            method = route.method.encode("ascii")
-            for path in route.public_paths:
-                if "{" in path:
-                    self._templated.append((method, _path_pattern(path), route))
-                else:
-                    self._exact[method, path.encode("ascii")] = route
-
-    def match(self, method: bytes, path: bytes) -> tuple[Route, dict[str, str]] | None:
-        """The row and path parameters for a request, or None to ask Klein."""
-        if b"%" in path:
-            return None
-        if method == b"HEAD":
-            method = b"GET"  # as werkzeug does: a GET row answers HEAD too
-        route = self._exact.get((method, path))
-        if route is not None:
-            return route, {}
-        for row_method, pattern, route in self._templated:
-            if row_method == method:
-                found = pattern.match(path)
-                if found is not None:
-                    params = {k: v.decode("ascii") for k, v in found.groupdict().items()}
-                    return route, params
-        return None
-
-
-def _path_pattern(template: str) -> re.Pattern[bytes]:
-    """``/data/chain/{product}`` as a regex: each parameter one non-empty segment."""
-    pieces = re.split(r"{(\w+)}", template)  # literal, name, literal, ...
-    regex = "".join(
-        re.escape(piece) if i % 2 == 0 else f"(?P<{piece}>[^/]+)" for i, piece in enumerate(pieces)
-    )
-    return re.compile(regex.encode("ascii") + rb"\Z")
-
-
-_INDEX = RouteIndex(ROUTES)
-
-
-class DirectRoutes(Resource):
-    """Runs the table's rows without Klein's per-request machinery.
-
-    Klein's werkzeug matching, adapters and Deferred wrapping were a sixth
-    of the CPU of a proxied request (``make bench``). A request the index
-    names goes straight to `Gateway.dispatch`, with Klein's contract kept:
-    the handler is cancelled when the client goes away, and its errors are
-    answered by the same handlers Klein uses. Everything else goes to Klein.
-    """
-
-    isLeaf = True
-
-    def __init__(self, gateway: Gateway, klein: IResource) -> None:
-        super().__init__()
-        self._gateway = gateway
-        self._klein = klein
-
-    def render(self, request: Any) -> Any:
-        found = _INDEX.match(request.method, request.path)
-        if found is None:
-            return self._klein.render(request)
-        route, params = found
-        d = defer.ensureDeferred(self._gateway.dispatch(route, request, params))
-        # Fires when the response is finished or the client has gone.
-        ended = request.notifyFinish()
-        ended.addErrback(lambda _: d.cancel())
-        d.addCallbacks(
-            self._answer, self._failed, callbackArgs=(request, ended), errbackArgs=(request, ended)
-        )
-        return NOT_DONE_YET
-
-    def _failed(self, failure: Failure, request: Any, ended: defer.Deferred[None]) -> None:
-        if ended.called:
-            if not failure.check(defer.CancelledError):
-                _log.err("unhandled_error", _stuff=failure,
-                         request_id=request.request_id.decode("ascii"))
-            return
-        if failure.check(GatewayError):
-            body = self._gateway._gateway_error(request, failure)
-        else:
-            body = self._gateway._bug(request, failure)
-        self._answer(body, request, ended)
-
-    @staticmethod
-    def _answer(body: bytes | None, request: Any, ended: defer.Deferred[None]) -> None:
-        if ended.called:
-            return
-        if body:
-            request.write(body)
-        request.finish()
 
 
 def _authority(address: Any) -> str:
@@ -433,34 +336,37 @@ def _authority(address: Any) -> str:
 
 
 def _route_handler(route: Route) -> Any:
-    def handle(self: Gateway, request: Any, **params: str) -> Any:
+    def handle(self: Gateway, request: GatewayRequest, **params: str) -> Any:
         return self.dispatch(route, request, params)
 
     return handle
 
 
 def _preflight_handler(template: str, methods: list[str]) -> Any:
-    def handle(self: Gateway, request: Any, **params: str) -> bytes:
+    def handle(self: Gateway, request: GatewayRequest, **params: str) -> bytes:
         return self.preflight(request, template, methods)
 
     return handle
 
 
-def _register_routes() -> None:
+def _register_routes() -> dict[str, Route]:
+    """Add every row's routes to Klein; return the rows by Klein endpoint."""
     methods_by_path: dict[str, list[str]] = defaultdict(list)
+    endpoints = {}
     for route in ROUTES:
         for path in route.public_paths:
+            endpoint = f"{route.name} {path}"
             Gateway.app.route(
-                klein_path(path),
-                methods=[route.method],
-                endpoint=f"{route.name} {path}",
-                branch=route.subtree,
+                klein_path(path), methods=[route.method], endpoint=endpoint, branch=route.subtree,
             )(_route_handler(route))
+            endpoints[endpoint] = route
             methods_by_path[path].append(route.method)
     for path, methods in methods_by_path.items():
         Gateway.app.route(
             klein_path(path), methods=["OPTIONS"], endpoint=f"preflight {path}"
         )(_preflight_handler(path, methods))
+    return endpoints
 
 
-_register_routes()
+ROUTE_INDEX = RouteIndex.from_url_map(Gateway.app.url_map, _register_routes())
+"""The fast path's index, read from Klein's URL map once every route is in it."""

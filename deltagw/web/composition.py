@@ -26,6 +26,7 @@ from twisted.internet import defer
 from deltagw.config import Settings
 from deltagw.errors import (
     RETRY_AFTER_SECONDS,
+    CompositionUnavailable,
     GatewayError,
     NotFound,
     UpstreamUnavailable,
@@ -37,6 +38,7 @@ from deltagw.metrics import Metrics
 from deltagw.upstream.proxy import Proxy
 from deltagw.routes import Part, Route, part_route
 from deltagw.upstream.client import Header
+from deltagw.web.site import GatewayRequest
 
 Summary = Callable[[Any], Any]
 
@@ -135,20 +137,6 @@ SUMMARIES: dict[str, Summary] = {
 """How each part's upstream document is shrunk, by part name."""
 
 
-class CompositionUnavailable(GatewayError):
-    """No part of a composed route could be had (503, ``Retry-After``)."""
-
-    status = 503
-    outcome = "upstream_all_failed"
-
-    def __init__(self, titles: list[str], retry_after: int) -> None:
-        noun = "service" if len(titles) == 1 else "services"
-        super().__init__(
-            f"{' and '.join(titles)} {noun} unavailable",
-            headers=[(b"Retry-After", str(max(1, retry_after)).encode("ascii"))],
-        )
-
-
 class _Failed:
     """Why one part has no value: for ``errors``, the log and the status."""
 
@@ -192,7 +180,7 @@ class Composer:
     async def compose(
         self,
         route: Route,
-        request: Any,
+        request: GatewayRequest,
         params: dict[str, str],
         headers_for: Callable[[Route], list[Header]],
     ) -> bytes:
@@ -290,7 +278,7 @@ def _retry_after(error: UpstreamUnavailable) -> int | None:
     return None
 
 
-def _failure_answer(request: Any, failed: list[_Failed], errors: list[dict[str, str]]) -> bytes:
+def _failure_answer(request: GatewayRequest, failed: list[_Failed], errors: list[dict[str, str]]) -> bytes:
     """The error answer when no part succeeded, with ``errors`` as an RFC 9457
     extension member."""
     error: GatewayError

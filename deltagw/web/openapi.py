@@ -25,7 +25,7 @@ from typing import Any
 from deltagw import __version__
 from deltagw.policy.route_access import OPTIONAL, REQUIRED, auth_policy
 from deltagw.policy.rate_limits import RateLimits
-from deltagw.routes import API_PREFIXES, QueryParam, Route
+from deltagw.routes import QueryParam, Route
 
 OPENAPI_VERSION = "3.0.3"
 

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 
-from deltagw.web.site import GatewayChannel
+from deltagw.web.site import GatewayChannel, GatewayRequest
 
 
 class RequestTracker(Resource):
@@ -33,7 +33,7 @@ class RequestTracker(Resource):
         self.draining = False
         self._idle: list[defer.Deferred[None]] = []
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: GatewayRequest) -> Any:
         if self.draining:
             # What twisted.web does for a client that asked for Connection:
             # close (HTTPChannel.checkPersistence): say it, then close after

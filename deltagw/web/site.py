@@ -23,7 +23,7 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
-from deltagw.web.request_identity import client_address, request_id
+from deltagw.web.request_identity import TraceContext, client_address, request_id
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
 from deltagw.upstream.proxy import RelayEnding
@@ -43,6 +43,9 @@ class GatewayRequest(server.Request):
         route: The route template (never the raw path), for logs and metrics.
         log_fields: Extra fields for the ``outgoing_response`` event.
         outcome: Why the request ended the way it did.
+        trace: The W3C trace context it continues (set before routing).
+        site: The `GatewaySite` it arrived at (twisted.web sets it once the
+            body is in; set here with the head).
     """
 
     request_id: bytes = b""
@@ -50,6 +53,8 @@ class GatewayRequest(server.Request):
     started: float = 0.0
     route: str | None = None
     outcome: str | None = None
+    trace: TraceContext | None = None
+    site: GatewaySite
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -288,7 +293,7 @@ class GatewayChannel(http.HTTPChannel):
         self._answering = True
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: GatewayRequest) -> None:
         self._answering = False
         super().requestDone(request)  # may start a pipelined request
         framer = self._framer
