@@ -82,8 +82,8 @@ def measure_redis(calls: int, warmup: int) -> dict[str, Any]:
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    from deltagw.policy.rate_limits import REDIS_TIMEOUT
     from deltagw.policy.buckets import RedisLimiter
+    from deltagw.policy.rate_limits import REDIS_TIMEOUT
 
     out: dict[str, Any] = {}
     interrupted: list[int] = []
@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.calls, args.keys, args.redis_calls) < 1:
         parser.error("--calls, --keys and --redis-calls must be ≥ 1")
 
-    import twisted
-
     import deltagw
+    import twisted
     try:
         local = measure_local(args.calls, args.keys)
         redis = measure_redis(args.redis_calls, warmup=200)

@@ -18,7 +18,6 @@ from twisted.internet.endpoints import serverFromString
 
 from deltagw.logs import LEVELS
 
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 """An address range, as TRUSTED_PROXIES and METRICS_ALLOW list them."""
 

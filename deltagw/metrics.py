@@ -37,7 +37,6 @@ from deltagw import __version__
 from deltagw.config import Network
 from deltagw.routes import ROUTES, SERVICES, Route, Service
 
-
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 """The text exposition format `generate_latest` writes (prometheus_client's
 CONTENT_TYPE_LATEST now names a newer format, so it is spelled out here)."""

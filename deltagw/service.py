@@ -19,23 +19,24 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from deltagw.web.application import Gateway
-from deltagw.policy.token_verifiers import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
-from deltagw.policy.route_access import Authenticator
 from deltagw.config import ConfigError, Settings
-from deltagw.process.drain import DrainService
-from deltagw.web.request_tracker import RequestTracker
-from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import LogFlusher, get_logger, observer, set_least_level
 from deltagw.metrics import Metrics
-from deltagw.upstream.proxy import Proxy, UpstreamClient
-from deltagw.upstream.retry import RetryPolicy
-from deltagw.web.site import GatewaySite
+from deltagw.policy.rate_limits import RateLimits
+from deltagw.policy.route_access import Authenticator
+from deltagw.policy.token_verifiers import CachingVerifier, LocalVerifier, RemoteVerifier, Verifier
+from deltagw.process.drain import DrainService
+from deltagw.process.systemd import SystemdNotifier
+from deltagw.process.workers import listen_endpoint
 from deltagw.speedups.busy_poll import BusyPoll
 from deltagw.speedups.held_writes import HeldWrites
-from deltagw.process.systemd import SystemdNotifier
+from deltagw.upstream.pools import UpstreamClient
+from deltagw.upstream.proxy import Proxy
+from deltagw.upstream.retry import RetryPolicy
 from deltagw.upstream.tls import upstream_tls_policy
-from deltagw.process.workers import listen_endpoint
+from deltagw.web.application import Gateway
+from deltagw.web.request_tracker import RequestTracker
+from deltagw.web.site import GatewaySite
 
 _log = get_logger(component="service")
 
@@ -70,8 +71,8 @@ GC_THRESHOLDS = (20_000, 20, 20)
 A proxied request leaves no reference cycle of its own (a test checks), so
 what it allocates is freed at once and the youngest generation fills only
 with what lives on (connections, cached tokens, limiter buckets); at the
-default thresholds the collector kept rescanning the 64 requests in flight
-(15 % of the gateway's CPU at the time, by py-spy --native). Cycles
+default thresholds the collector kept rescanning the requests in flight
+(a large share of the gateway's CPU under load, by py-spy --native). Cycles
 made elsewhere (Twisted's connectors, failures) wait a little longer."""
 
 _heap_frozen = False
@@ -81,8 +82,8 @@ def _freeze_startup_heap() -> None:
     """Exempt the objects made at start-up from every later full collection.
 
     Imports, configuration and the route table live as long as the process;
-    without this, each full collection walks all of them again (about 50 ms
-    a time under load). Done once per process, after collecting what start-up
+    without this, each full collection walks all of them again, a pause
+    every request in flight waits out. Done once per process, after collecting what start-up
     left behind so that no garbage is kept for ever.
     """
     global _heap_frozen

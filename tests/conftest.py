@@ -1,9 +1,15 @@
-"""Fixtures shared by the integration tests: real upstreams and a real gateway."""
+"""Test tiers by folder, and the fixtures the tiers share: real upstreams, a real gateway.
+
+A test's folder is its tier and its marker: ``tests/unit`` (``-m unit``: Clock,
+StringTransport, no socket), ``tests/integration`` (real sockets on loopback)
+and ``tests/system`` (twistd subprocesses, Redis, Prometheus, deploy files).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +17,19 @@ import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 from deltagw.logs import configure_structlog
+from tests.daemon import Twistd
 from tests.support import RecordingUpstream, RunningGateway, listen
+
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, the folder it lives in under tests/."""
+    for item in items:
+        parts = item.path.relative_to(Path(__file__).parent).parts
+        if parts[0] not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(parts[0])
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -69,3 +87,18 @@ async def access_log():
     globalLogPublisher.addObserver(collect)
     yield events
     globalLogPublisher.removeObserver(collect)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    """Start `Twistd` children in a scratch directory; all closed at teardown."""
+    started: list[Twistd] = []
+
+    def start(argv: Sequence[str], env: Mapping[str, str], **options: Any) -> Twistd:
+        daemon = Twistd(argv, env, cwd=options.pop("cwd", tmp_path), **options)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -224,3 +225,32 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 def open_fds() -> int:
     """File descriptors this process holds open now."""
     return len(os.listdir("/proc/self/fd"))
+
+
+class BodyReader(protocol.Protocol):
+    """A body protocol that records what it is given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.reason: Failure | None = None
+        self.finished: defer.Deferred[None] = defer.Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.reason is None, "data after connectionLost"
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        assert self.reason is None, "connectionLost twice"
+        self.reason = reason
+        self.finished.callback(None)
+
+
+def read_body(response: Any) -> BodyReader:
+    """Deliver ``response``'s body to a new `BodyReader`."""
+    reader = BodyReader()
+    response.deliverBody(reader)
+    return reader

@@ -10,13 +10,7 @@ from __future__ import annotations
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from deltagw.demo._http import (
-    find_chain,
-    find_product,
-    install_json_errors,
-    json_body,
-    query_arg,
-)
+from deltagw.demo._http import find_chain, find_product, install_json_errors, json_body, query_arg
 from deltagw.demo.market import ExpiryChain, Market, implied_volatility
 
 

@@ -29,12 +29,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IRequest
 
-from deltagw.demo._http import (
-    ApiError,
-    install_json_errors,
-    json_body,
-    read_json_object,
-)
+from deltagw.demo._http import ApiError, install_json_errors, json_body, read_json_object
 
 DEFAULT_SCRYPT_N = 2**14
 """scrypt CPU/memory cost; tests pass a tiny value to stay fast."""

@@ -13,12 +13,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import (
-    Deferred,
-    ensureDeferred,
-    gatherResults,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IReactorCore,

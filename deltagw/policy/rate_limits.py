@@ -18,10 +18,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
-from deltagw.policy.token_verifiers import Identity
 from deltagw.config import Settings
 from deltagw.errors import RateLimited, RateLimiterUnavailable
-from deltagw.policy.buckets import Decision, RedisUnavailable, RedisLimiter, TokenBucketLimiter
+from deltagw.policy.buckets import Decision, RedisLimiter, RedisUnavailable, TokenBucketLimiter
+from deltagw.policy.token_verifiers import Identity
 from deltagw.routes import Route
 
 REDIS_TIMEOUT = 0.05

@@ -5,8 +5,10 @@ verification outcome means for the client.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+
 from twisted.web.iweb import IRequest
 
+from deltagw.errors import AuthServiceUnavailable, Unauthorized
 from deltagw.policy.token_verifiers import (
     AuthUnavailable,
     CachingVerifier,
@@ -15,7 +17,6 @@ from deltagw.policy.token_verifiers import (
     MissingCredentials,
     parse_bearer,
 )
-from deltagw.errors import AuthServiceUnavailable, Unauthorized
 from deltagw.routes import AUTH, Route, part_route
 
 REQUIRED = "required"

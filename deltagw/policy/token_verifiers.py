@@ -39,18 +39,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms
 from jwt.utils import base64url_decode
 from treq.client import HTTPClient
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+
+from deltagw.upstream.body import BodyInterrupted, read_body
+from deltagw.upstream.failures import failure_reason, was_cancelled
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Largest /verify answer read; a real one is a few hundred bytes."""
@@ -226,7 +221,10 @@ class RemoteVerifier:
         )
         # Read the body whatever the status, so the connection goes back to
         # the pool instead of being held by an unread response.
-        body = await _read_answer(response)
+        try:
+            body = await read_body(response, self._reactor, self._timeout, MAX_ANSWER_BYTES)
+        except BodyInterrupted as e:
+            raise AuthUnavailable(_BODY_FAILURES[e.reason]) from None
         if response.code in (401, 403):
             raise InvalidToken(f"rejected by auth service ({response.code})")
         if response.code != 200:
@@ -234,53 +232,8 @@ class RemoteVerifier:
         return _identity_from_answer(body)
 
 
-class _AnswerReader(protocol.Protocol):
-    """Collects the auth service's (small) answer body.
-
-    Cancelling `done` stops the transport, which closes the connection: a
-    timed-out or abandoned upstream request is never left running.
-    An answer over `MAX_ANSWER_BYTES` is not what the auth
-    service sends, so it is cut off the same way.
-    """
-
-    def __init__(self) -> None:
-        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._stopped = False
-
-    def dataReceived(self, data: bytes) -> None:
-        # The HTTP parser may still hand over chunks it had already read.
-        if self._stopped:
-            return
-        self._size += len(data)
-        if self._size > MAX_ANSWER_BYTES:
-            self._stop()
-            self.done.errback(AuthUnavailable("bad response"))
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        # After _stop() the outcome is already decided (cancelled or too big).
-        if self._stopped:
-            return
-        # PotentialDataLoss: the body ended with the connection (no length
-        # given), which is how HTTP/1.0 answers end; JSON parsing judges it.
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-    def _stop(self) -> None:
-        self._stopped = True
-        assert self.transport is not None
-        self.transport.stopProducing()
-
-
-def _read_answer(response: IResponse) -> Deferred[bytes]:
-    reader = _AnswerReader()
-    response.deliverBody(reader)
-    return reader.done
+_BODY_FAILURES = {"too_large": "bad response", "reset": "connection failed", "timeout": "timeout"}
+"""`AuthUnavailable` reasons for the ways reading the answer can fail."""
 
 
 def _identity_from_answer(body: bytes) -> Identity:
@@ -321,21 +274,12 @@ def _transport_failure(failure: Failure) -> Failure:
     outage), and only known transport errors are translated: a bug in the
     gateway must still surface as a bug (500), not pass for an auth outage.
     """
-    wrapped = failure.check(
-        ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed
-    )
-    if failure.check(error.ConnectingCancelledError) or (
-        # Twisted's HTTP client reports a cancelled request as one of its
-        # wrapper exceptions around the CancelledError.
-        wrapped
-        and any(reason.check(CancelledError) for reason in failure.value.reasons)
-    ):
+    if was_cancelled(failure):
         raise CancelledError()
-    if failure.check(error.ConnectionRefusedError):
-        raise AuthUnavailable("refused")
-    if failure.check(error.ConnectError, error.DNSLookupError):
-        raise AuthUnavailable("unreachable")
-    if wrapped or failure.check(error.ConnectionLost):
+    reason = failure_reason(failure)
+    if reason in ("refused", "unreachable"):
+        raise AuthUnavailable(reason)
+    if reason in ("reset", "invalid_response", "tls"):
         raise AuthUnavailable("connection failed")
     return failure
 

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from twisted.application.service import MultiService
 from twisted.internet import defer
 
-from deltagw.upstream.breaker import CircuitBreaker
 from deltagw.logs import get_logger
 from deltagw.process.signals import SignalHandler
+from deltagw.upstream.breaker import CircuitBreaker
 
 _log = get_logger(component="drain")
 

@@ -63,9 +63,9 @@ from zope.interface import implementer
 
 from deltagw.config import SETTINGS, ConfigError, Settings
 from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
-from deltagw.speedups import turn_taking
 from deltagw.process.signals import SignalHandler
 from deltagw.process.systemd import SystemdNotifier
+from deltagw.speedups import turn_taking
 
 _log = get_logger(component="workers")
 

@@ -17,7 +17,7 @@ The price is up to BUSY_POLL_US of CPU for each turn that sent and whose
 answer is slower than that, which is why it is opt-in (default 0): it pays
 at one connection on a virtual machine, and nowhere under load.
 
-Relies on (checked by ``tests/test_speedups_shape.py``): the epoll reactor's
+Relies on (checked by ``tests/integration/test_speedups_shape.py``): the epoll reactor's
 private ``_poller``, a ``select.epoll`` with ``fileno()``. With any other
 reactor it does nothing.
 """

@@ -11,7 +11,7 @@ reactor call per connection, a request costs no reactor call at all.
 This relies on how ``HTTPChannel`` drives ``TimeoutMixin``: it calls
 ``setTimeout`` and ``resetTimeout`` (never touching ``TimeoutMixin.__timeoutCall``
 otherwise) and ends the connection with ``timeoutConnection``;
-``tests/test_speedups_shape.py`` checks those names.
+``tests/integration/test_speedups_shape.py`` checks those names.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ opted in by its protocol with `adopt` while a `HeldWrites` service runs
 used are Twisted's own, so a write that the socket cannot take at once is
 finished by Twisted's ``doWrite`` as usual.
 
-Relies on (checked by ``tests/test_speedups_shape.py``): ``tcp.Connection``'s
+Relies on (checked by ``tests/integration/test_speedups_shape.py``): ``tcp.Connection``'s
 write buffer ``_tempDataBuffer``/``_tempDataLen``, its ``_maybePauseProducer``,
 ``_writeDisconnected``, ``_aborting``, ``doRead``/``doWrite``/``startWriting``,
 and a transport whose class may be switched to a subclass.

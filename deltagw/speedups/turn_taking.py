@@ -8,7 +8,7 @@ the others idle for the connections' whole life. Accepting one at a time,
 the workers take turns, and a busy worker, slower to come back to the
 socket, takes fewer.
 
-Relies on (checked by ``tests/test_speedups_shape.py``): ``tcp.Port.doRead``
+Relies on (checked by ``tests/integration/test_speedups_shape.py``): ``tcp.Port.doRead``
 accepting at most ``numberAccepts`` connections per call, and an adopted
 port whose class may be switched to a subclass. Without it (SPEEDUPS=0)
 every worker still serves; the load is only spread less evenly.

@@ -47,9 +47,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from deltagw.upstream.forwarding import connection_named
 from deltagw.http_syntax import has_bare_cr, has_controls, is_token
 from deltagw.speedups import held_writes
+from deltagw.upstream.forwarding import HOP_BY_HOP, connection_named
 
 Header = tuple[bytes, bytes]
 
@@ -100,21 +100,10 @@ _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 NO_BODY_CODES = frozenset({204, 304})
 """Statuses whose responses never have a body (RFC 9110 §15.3.5, §15.4.5)."""
 _CONNECTION_DONE = Failure(ConnectionDone())
-# What Twisted's client also keeps out of response.headers: the framing and
-# connection-control fields. (For HEAD and 304, Content-Length describes the
-# representation and is kept.)
-_CONNECTION_CONTROL = frozenset(
-    {
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
+_CONNECTION_CONTROL = HOP_BY_HOP | {b"content-length"}
+"""What stays out of ``response.headers``, as Twisted's client also keeps it out:
+the framing and the hop-by-hop fields (for HEAD and 304, Content-Length
+describes the representation and is kept)."""
 
 _CONNECTION_TOKENS = _CONNECTION_CONTROL | {b"close"}
 """Connection options that name no end-to-end field (nginx's ``keep-alive``)."""

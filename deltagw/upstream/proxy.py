@@ -1,4 +1,4 @@
-"""Upstream calls: the pooled clients, timeouts, resilience, streaming back.
+"""Forwarding a call to its upstream: timeouts, resilience, streaming the answer back.
 
 Before a call, the service's in-flight cap (load shedding) and circuit
 breaker may answer 503 at once; the wait for response headers is retried
@@ -14,55 +14,29 @@ import enum
 import json
 import math
 from collections.abc import Callable
-from http.cookiejar import CookieJar
 from typing import Any
 
-from OpenSSL import SSL
-from service_identity import VerificationError
-from treq.client import HTTPClient
-from twisted.internet import defer, error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.error import SchemeNotSupported
 from twisted.web import http
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from deltagw.upstream.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.errors import UpstreamUnavailable
-from deltagw.upstream.forwarding import copy_response_headers
 from deltagw.logs import get_logger
-from deltagw.upstream.retry import RetryPolicy, call_with_retries
 from deltagw.routes import SERVICES, Service
-from deltagw.upstream.client import (
-    NO_BODY_CODES,
-    ConnectionPool,
-    Header,
-    InvalidResponse,
-    NoResponse,
-    ResponseBroken,
-    UpstreamResponse,
-)
+from deltagw.upstream.body import BodyInterrupted, read_body
+from deltagw.upstream.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
+from deltagw.upstream.client import NO_BODY_CODES, Header, UpstreamResponse
+from deltagw.upstream.failures import failure_reason, was_cancelled
+from deltagw.upstream.forwarding import copy_response_headers
+from deltagw.upstream.pools import UpstreamClient
+from deltagw.upstream.retry import RetryPolicy, call_with_retries
 
 _log = get_logger(component="proxy")
 
@@ -76,117 +50,6 @@ JSON documents, never a stream."""
 
 Note = Callable[[str, float, str | None], None]
 """Records one upstream call: ``(service name, started, failure or None)``."""
-
-
-class _NoCookies(CookieJar):
-    """A jar that never stores: a shared jar would replay one user's upstream
-    cookies to every other user. Client cookies still pass as plain headers."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-    def add_cookie_header(self, request: Any) -> None:
-        return None
-
-
-@implementer(IAgentEndpointFactory)
-class _UpstreamEndpoints:
-    """Endpoints for upstream URLs: plain TCP for IP literals, HostnameEndpoint
-    for names, TLS on top for https (as ``twisted.web.client``'s standard
-    factory does).
-
-    ``HostnameEndpoint`` races address families with an ``attemptDelay``, so a
-    refused connection to ``127.0.0.1`` takes about 300 ms to be reported;
-    an IP literal has nothing to race, and a dead upstream must be found out
-    at once for the breaker and the retry policy to be worth anything.
-    """
-
-    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS) -> None:
-        self._reactor = reactor
-        self._tls_policy = tls_policy
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(host):
-            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port)
-        elif isIPv6Address(host):
-            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
-        if uri.scheme == b"http":
-            return endpoint
-        if uri.scheme == b"https":
-            return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
-        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-
-
-class UpstreamClient:
-    """The process-wide HTTP clients for every upstream call.
-
-    Forwarded and composed calls go through ``pool``, a lean HTTP/1.1 client
-    (``deltagw.upstream.client``): twisted.web's Agent and treq cost a third of the
-    gateway's CPU per proxied request (``make bench``), and treq's decoder
-    would re-encode bodies a proxy must pass through byte for byte. treq
-    (``http``) serves the gateway's own JSON calls (token verification), on
-    a Twisted pool of its own. Neither pool retries by itself: retrying is a
-    policy decision (idempotency, deadlines) the proxy makes.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        max_idle_per_host: int,
-        idle_timeout: float,
-        tls_policy: IPolicyForHTTPS | None = None,
-    ) -> None:
-        endpoints = _UpstreamEndpoints(reactor, tls_policy or BrowserLikePolicyForHTTPS())
-        self.pool = ConnectionPool(reactor, endpoints, max_idle_per_host, idle_timeout)
-        self._json_pool = HTTPConnectionPool(reactor, persistent=True)
-        self._json_pool.retryAutomatically = False
-        self._json_pool.maxPersistentPerHost = max_idle_per_host
-        self._json_pool.cachedConnectionTimeout = idle_timeout
-        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._json_pool)
-        self.http = HTTPClient(agent, cookiejar=_NoCookies())
-
-    def close(self) -> defer.Deferred[None]:
-        """Close the idle connections of both pools; fires when they are closed."""
-        closing = [self.pool.close(), self._json_pool.closeCachedConnections()]
-        return defer.gatherResults(closing).addCallback(lambda _: None)
-
-
-_CONNECTION_FAILURES = (
-    NoResponse, ResponseBroken, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed
-)
-"""Failures that carry their causes in ``reasons``: the forward client's, and
-the public ones of twisted.web's client (the JSON calls, through treq)."""
-
-
-def failure_reason(failure: Failure) -> str:
-    """A short name for why an upstream call failed, for logs and metrics."""
-    if failure.check(defer.TimeoutError, defer.CancelledError):
-        return "timeout"
-    if failure.check(InvalidResponse):
-        return "invalid_response"
-    if failure.check(error.ConnectionRefusedError):
-        return "refused"
-    if failure.check(error.DNSLookupError, error.NoRouteError, error.ConnectError):
-        return "unreachable"
-    if failure.check(SSL.Error, VerificationError):
-        return "tls"
-    if failure.check(*_CONNECTION_FAILURES):
-        reasons = failure.value.reasons
-        if any(r.check(SSL.Error, VerificationError) for r in reasons):
-            return "tls"
-        if failure.check(ResponseFailed) and not all(
-            r.check(error.ConnectionLost, error.ConnectionDone) for r in reasons
-        ):
-            # twisted.web's client fails an answer it cannot parse this way.
-            return "invalid_response"
-        return "reset"
-    if failure.check(error.ConnectionLost, error.ConnectionDone):
-        return "reset"
-    return "error"
 
 
 class RelayEnding(enum.Enum):
@@ -204,14 +67,6 @@ class RelayEnding(enum.Enum):
     CLIENT_SLOW = "client_slow"
     """The client read nothing for CLIENT_TIMEOUT: its connection must close,
     with nothing left to flush to a reader that reads nothing."""
-
-
-class BodyInterrupted(Exception):
-    """The upstream body stopped (stalled past the timeout, or was cut)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ClientTooSlow(Exception):
@@ -429,7 +284,7 @@ class Proxy:
             )
             left = max(0.0, started + timeout - self._reactor.seconds())
             try:
-                body = await _read_body(response, self._reactor, left, max_bytes)
+                body = await read_body(response, self._reactor, left, max_bytes)
             except BodyInterrupted as e:
                 note(service.name, started, f"body_{e.reason}")
                 raise UpstreamUnavailable(service, f"body_{e.reason}") from None
@@ -493,7 +348,7 @@ class Proxy:
             response: UpstreamResponse = await d
         except Exception:
             failure = Failure()
-            if _was_cancelled(failure):
+            if was_cancelled(failure):
                 # The client went away (Klein cancels the handler): nothing
                 # was learnt about the upstream, and nobody waits for an answer.
                 breaker.release()
@@ -562,64 +417,6 @@ def _no_note(service: str, started: float, failure: str | None) -> None:
     return None
 
 
-class _BodyCollector(Protocol):
-    """Buffers a response body up to a size, before a deadline."""
-
-    def __init__(self, reactor: IReactorTime, timeout: float, max_bytes: int) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._max_bytes = max_bytes
-        self._timer = reactor.callLater(timeout, self.fail, "timeout")
-        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
-
-    def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._max_bytes:
-            self.fail("too_large")
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        if self._timer.active():
-            self._timer.cancel()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(BodyInterrupted("reset"))
-
-    def fail(self, reason: str) -> None:
-        """End the read with `BodyInterrupted` and close the connection."""
-        if not self.done.called:
-            self.done.errback(BodyInterrupted(reason))
-        self._stop()
-
-    def _stop(self) -> None:
-        if self._timer.active():
-            self._timer.cancel()
-        # Stopping closes the connection: an unread body would otherwise
-        # keep it out of the pool.
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-
-def _read_body(
-    response: UpstreamResponse, reactor: IReactorTime, timeout: float, max_bytes: int
-) -> defer.Deferred[bytes]:
-    """The whole body of ``response``; cancelling the Deferred stops the read.
-
-    Raises (through the Deferred):
-        BodyInterrupted: ``timeout``, ``too_large`` or ``reset``.
-    """
-    collector = _BodyCollector(reactor, timeout, max_bytes)
-    response.deliverBody(collector)
-    if response.length is not UNKNOWN_LENGTH and response.length > max_bytes:
-        # Content-Length says it already: refuse before reading a byte.
-        collector.fail("too_large")
-    return collector.done
-
-
 def _as_timeout(result: object, timeout: float) -> None:
     """Turn whatever a timed-out call failed with into one ``defer.TimeoutError``.
 
@@ -628,18 +425,6 @@ def _as_timeout(result: object, timeout: float) -> None:
     bare CancelledError ``addTimeout`` would convert by itself.
     """
     raise defer.TimeoutError(f"no response headers within {timeout} s")
-
-
-def _was_cancelled(failure: Failure) -> bool:
-    """Tell whether a call failed because we cancelled it (not a timeout)."""
-    if failure.check(defer.TimeoutError):
-        return False
-    if failure.check(defer.CancelledError, error.ConnectingCancelledError):
-        return True
-    return bool(
-        failure.check(*_CONNECTION_FAILURES)
-        and any(r.check(defer.CancelledError) for r in failure.value.reasons)
-    )
 
 
 def _log_transition(service: str, old: str, new: str) -> None:

@@ -25,76 +25,14 @@ from typing import TypeVar
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.error import (
-    ConnectionAborted,
-    ConnectionDone,
-    ConnectionLost,
-    ConnectionRefusedError,
-)
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 
-from deltagw.upstream.client import NoResponse
+from deltagw.upstream.failures import is_connection_failure
 
 T = TypeVar("T")
 
 RETRYABLE_METHODS: frozenset[bytes] = frozenset({b"GET", b"HEAD"})
-
-
-def _is_lost_connection(reason: Failure) -> bool:
-    """Tell whether a transport ``connectionLost`` reason was the peer's doing.
-
-    `ConnectionAborted` is a `ConnectionLost` subclass, but it means *we*
-    aborted (a timeout or a cancellation closing the socket), which must not
-    be retried.
-    """
-    return bool(
-        reason.check(ConnectionLost, ConnectionDone)
-        and not reason.check(ConnectionAborted)
-    )
-
-
-def is_connection_failure(failure: Failure) -> bool:
-    """Tell whether a call failed on the connection before any response byte.
-
-    Checked against the forward client's `NoResponse` and the public
-    failure types of twisted.web's HTTP/1.1 client (``twisted.web.client``):
-
-    - `ConnectionRefusedError`: the connect was refused; nothing was sent.
-    - `RequestNotSent`: the pooled connection was no longer usable; nothing
-      was sent.
-    - `RequestTransmissionFailed`: the connection was lost while the request
-      was being written; its ``reasons`` hold the transport's reason.
-    - `NoResponse` / `ResponseNeverReceived`: the request was sent but the
-      connection ended before any response byte (the parsers fail otherwise
-      once a byte has arrived). Cancelling a request of twisted.web's client
-      also raises it, with a `CancelledError` reason, and its abort with
-      another ``ConnectionAborted``; so the wrappers count only when every
-      reason is a connection closed or reset by the peer.
-    - bare `ConnectionLost` / `ConnectionDone`, for the same peer-side loss
-      surfacing unwrapped.
-
-    Anything else is not: timeouts (``defer.TimeoutError``,
-    ``error.TimeoutError``, ``TCPTimedOutError``, ``ConnectingCancelledError``),
-    `CancelledError`, ``RequestGenerationFailed`` (which is what a cancel
-    while sending raises), DNS and TLS errors, `InvalidResponse`, `ResponseBroken` and `ResponseFailed`.
-
-    Args:
-        failure: The failure of one attempt.
-
-    Returns:
-        True when the request can be sent again without risking a double
-        effect or a half-relayed response.
-    """
-    if failure.check(ConnectionAborted):
-        return False
-    if failure.check(ConnectionRefusedError, RequestNotSent, ConnectionLost, ConnectionDone):
-        return True
-    if isinstance(failure.value, (RequestTransmissionFailed, ResponseNeverReceived, NoResponse)):
-        reasons: list[Failure] = failure.value.reasons
-        return bool(reasons) and all(_is_lost_connection(r) for r in reasons)
-    return False
 
 
 class RetryPolicy:

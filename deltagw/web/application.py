@@ -21,15 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from deltagw import __version__
-from deltagw.policy.token_verifiers import Identity
-from deltagw.policy.route_access import Authenticator
-from deltagw.web.composition import Composer
 from deltagw.config import Settings
-from deltagw.web.cors import CorsPolicy
-from deltagw.web.swagger_ui import SwaggerUIResource
-from deltagw.web.before_routing import EdgeResource
-from deltagw.web.route_lookup import DirectRoutes, RouteIndex
-from deltagw.web.site import GatewayRequest
 from deltagw.errors import (
     BadRequest,
     GatewayError,
@@ -40,16 +32,24 @@ from deltagw.errors import (
     json_response,
     write_error,
 )
-from deltagw.upstream.forwarding import chained, forwarded_element, upstream_request_headers
-from deltagw.web.request_identity import is_trusted_peer
 from deltagw.http_syntax import is_host
-from deltagw.policy.rate_limits import RateLimits
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics, metrics_allowed
-from deltagw.web.openapi import openapi_document, server_url
-from deltagw.upstream.proxy import Proxy
+from deltagw.policy.rate_limits import RateLimits
+from deltagw.policy.route_access import Authenticator
+from deltagw.policy.token_verifiers import Identity
 from deltagw.routes import ROUTES, Route
 from deltagw.upstream.client import Header
+from deltagw.upstream.forwarding import chained, forwarded_element, upstream_request_headers
+from deltagw.upstream.proxy import Proxy
+from deltagw.web.before_routing import EdgeResource
+from deltagw.web.composition import Composer
+from deltagw.web.cors import CorsPolicy
+from deltagw.web.openapi import openapi_document, server_url
+from deltagw.web.request_identity import is_trusted_peer
+from deltagw.web.route_lookup import DirectRoutes, RouteIndex
+from deltagw.web.site import GatewayRequest
+from deltagw.web.swagger_ui import SwaggerUIResource
 
 _log = get_logger(component="app")
 

@@ -14,12 +14,12 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
-from deltagw.web.cors import CorsPolicy
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.web.request_identity import trace_context
 from deltagw.logs import get_logger
-from deltagw.web.site import GatewayRequest
 from deltagw.speedups import held_writes
+from deltagw.web.cors import CorsPolicy
+from deltagw.web.request_identity import trace_context
+from deltagw.web.site import GatewayRequest
 
 _log = get_logger(component="access")
 

@@ -35,9 +35,9 @@ from deltagw.errors import (
     write_error,
 )
 from deltagw.metrics import Metrics
-from deltagw.upstream.proxy import Proxy
 from deltagw.routes import Part, Route, part_route
 from deltagw.upstream.client import Header
+from deltagw.upstream.proxy import Proxy
 from deltagw.web.site import GatewayRequest
 
 Summary = Callable[[Any], Any]

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from deltagw import __version__
-from deltagw.policy.route_access import OPTIONAL, REQUIRED, auth_policy
 from deltagw.policy.rate_limits import RateLimits
+from deltagw.policy.route_access import OPTIONAL, REQUIRED, auth_policy
 from deltagw.routes import QueryParam, Route
 
 OPENAPI_VERSION = "3.0.3"
@@ -253,7 +253,7 @@ The positive form of ``deltagw.web.application._UNSAFE_PARAM``: no control chara
 ``/`` or ``\\``, no ``..`` anywhere, and not ``.`` alone — every other value
 is forwarded, and these are answered 400 by the gateway itself. Written
 without look-arounds so that every generator and validator reads it alike
-(tests/test_schemathesis.py checks that the two agree).
+(tests/system/test_schemathesis.py checks that the two agree).
 """
 
 _DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"

@@ -1,4 +1,4 @@
-"""twistd plugin: ``twistd -n deltagw``. Imports nothing heavy (see STYLE)."""
+"""twistd plugin: ``twistd -n deltagw``. Imports nothing heavy: twistd imports every plugin module to list them."""
 
 from twisted.application.service import ServiceMaker
 
