@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import re
-import resource
 import selectors
 import shutil
 import signal
@@ -34,17 +33,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-LOOPBACK = "127.0.0.1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-NOFILE_WANTED = 65536
+from harness.cpu_memory import (children_cpu_seconds, machine_busy_seconds, ours_cpu_seconds,
+                                proc_memory_mb, tree_cpu_seconds)
+from harness.errors import BenchError, Interrupted
+from harness.fixtures import check_bodies, chain_body, underlying_body
+from harness.locations import BENCH_DIR, LOOPBACK, REPO_DIR
+from harness.polling import http_get, wait_until
+from harness.processes import (Processes, raise_nofile, run_limiter_script, start_baseline,
+                               start_gateway, start_nginx)
 
 # (key, description, direct path on nginx, gateway path, connections)
 SCENARIOS = [
@@ -70,349 +70,9 @@ TARGET_LIMITER_REDIS_MS = 1.0
 TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy's (64 connections)
 
 
-class BenchError(Exception):
-    """Something went wrong that makes the run invalid (exit status 1)."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGHUP arrived: unwind like Ctrl-C so cleanup runs."""
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-def underlying_body() -> bytes:
-    """A deterministic ~600-byte quote of the NIFTY index."""
-    doc = {
-        "product": "NIFTY",
-        "exchange": "NSE",
-        "timestamp": "2024-01-15T10:15:00+05:30",
-        "ltp": 21894.55, "open": 21773.7, "high": 21928.25, "low": 21715.15,
-        "close": 21710.8, "change": 183.75, "change_pct": 0.85,
-        "vwap": 21852.12, "volume": 274918365, "turnover_cr": 28436.17,
-        "advances": 38, "declines": 12, "unchanged": 0,
-        "week52_high": 21928.25, "week52_low": 17312.75,
-        "lot_size": 50, "tick_size": 0.05,
-        "expiries": ["2024-01-18", "2024-01-25", "2024-02-01", "2024-02-29", "2024-03-28"],
-        "market_status": "open",
-        "source": "deltastream-storage",
-    }
-    # Pad to exactly 600 bytes with a deterministic note.
-    doc["note"] = ""
-    base = len(json.dumps(doc, separators=(",", ":")).encode())
-    doc["note"] = ("benchmark fixture " * 40)[: max(0, 600 - base)]
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def chain_body(limit: int = 20 * 1024) -> bytes:
-    """A deterministic option chain of just under ``limit`` bytes."""
-
-    def leg(strike: int, i: int, kind: str) -> dict[str, Any]:
-        sign = 1 if kind == "CE" else -1
-        moneyness = (21900 - strike) * sign
-        return {
-            "ltp": round(max(0.05, moneyness + 120 - 0.8 * abs(i - 40)), 2),
-            "iv": round(11.5 + 0.07 * abs(i - 40), 2),
-            "oi": 100000 + (i * 7919) % 900000,
-            "chg_oi": (i * 104729) % 50000 - 25000,
-            "vol": 5000 + (i * 15485863) % 400000,
-            "delta": round(sign * max(0.01, min(0.99, 0.5 + moneyness / 1200)), 3),
-        }
-
-    strikes: list[dict[str, Any]] = []
-    doc: dict[str, Any] = {"product": "NIFTY", "expiry": "2024-01-25",
-                           "spot": 21894.55, "timestamp": "2024-01-15T10:15:00+05:30",
-                           "strikes": strikes}
-    i = 0
-    while True:
-        strike = 19900 + 50 * i
-        strikes.append({"strike": strike, "CE": leg(strike, i, "CE"), "PE": leg(strike, i, "PE")})
-        if len(json.dumps(doc, separators=(",", ":"))) > limit:
-            strikes.pop()
-            break
-        i += 1
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
-    """Raise this process's open-file limit as far as allowed; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for limit in (wanted, hard if hard != resource.RLIM_INFINITY else wanted):
-        target = min(limit, hard) if hard != resource.RLIM_INFINITY else limit
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
-            break
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def _child_nofile() -> None:
-    # preexec_fn of the gateway: the benchmark raises the limit, not the code.
-    raise_nofile()
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
-
-
-def wait_until(check, deadline_s: float, what: str, alive=None) -> None:
-    """Poll ``check()`` until it returns true, or fail after ``deadline_s``."""
-    deadline = time.monotonic() + deadline_s
-    delay = 0.01
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            raise BenchError(f"{what}: the process exited while starting")
-        try:
-            if check():
-                return
-        except OSError as e:
-            last = e
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    raise BenchError(f"{what}: not ready after {deadline_s:.0f}s ({last})")
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/pid/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
-    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its direct children (nginx master + worker)."""
-    total = 0.0
-    try:
-        total = proc_cpu_seconds(pid)
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            for child in f.read().split():
-                total += proc_cpu_seconds(int(child))
-    except (OSError, ValueError):
-        pass
-    return total
-
-
-def children_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each direct child of ``pid`` (the workers of a --workers parent)."""
-    out: dict[int, float] = {}
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            for child in f.read().split():
-                try:
-                    out[int(child)] = proc_cpu_seconds(int(child))
-                except (OSError, ValueError):
-                    pass
-    except OSError:
-        pass
-    return out
-
-
-def ours_cpu_seconds(pids: list[int]) -> float:
-    """CPU used by this benchmark: itself, finished children (wrk) and ``pids``."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-            + sum(tree_cpu_seconds(p) for p in pids))
-
-
-def proc_memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of ``pid`` in MB (MiB)."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-# ---------------------------------------------------------------- processes
-
-
-class Processes:
-    """The children we start; each in its own session, stopped by its id."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen, int]] = []
-
-    def add(self, name: str, proc: subprocess.Popen, stop_signal: int) -> None:
-        self.procs.append((name, proc, stop_signal))
-
-    def stop_all(self) -> None:
-        for name, proc, sig in reversed(self.procs):
-            if proc.poll() is not None:
-                continue
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                continue
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                print(f"  {name} did not stop on signal {sig}; killing", file=sys.stderr)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=5)
-            # nginx workers share the master's process group: make sure none is left.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.procs.clear()
-
-
-def start_nginx(tmp: Path, procs: Processes, nginx: str) -> int:
-    www = tmp / "www"
-    (www / "underlying").mkdir(parents=True)
-    (www / "option" / "chain").mkdir(parents=True)
-    (www / "underlying" / "NIFTY").write_bytes(underlying_body())
-    (www / "option" / "chain" / "NIFTY").write_bytes(chain_body())
-    # As root, nginx's worker drops to "nobody": let it read the fixtures
-    # instead of running the worker as root.
-    os.chmod(tmp, 0o711)
-    for path in [www, *www.rglob("*")]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""\
-worker_processes 1;
-error_log {tmp}/nginx-error.log warn;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    types {{ }}
-    default_type application/json;
-    access_log off;
-    server_tokens off;
-    sendfile on;
-    tcp_nodelay on;
-    keepalive_requests 1000000000;
-    keepalive_timeout 300s;
-    open_file_cache max=16 inactive=600s;
-    open_file_cache_valid 600s;
-    client_body_temp_path {tmp}/nginx-tmp/body;
-    proxy_temp_path {tmp}/nginx-tmp/proxy;
-    fastcgi_temp_path {tmp}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {tmp}/nginx-tmp/uwsgi;
-    scgi_temp_path {tmp}/nginx-tmp/scgi;
-    server {{
-        listen {LOOPBACK}:{port};
-        root {www};
-        location / {{ }}
-    }}
-}}
-""")
-    (tmp / "nginx-tmp").mkdir()
-    proc = subprocess.Popen(
-        [nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf),
-         "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "nginx-stderr.log", "wb"), start_new_session=True,
-    )
-    procs.add("nginx", proc, signal.SIGTERM)
-    try:
-        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 1)[0] == 200,
-                   15, "nginx", alive=lambda: proc.poll() is None)
-    except BenchError:
-        print(tail(tmp / "nginx-error.log"), tail(tmp / "nginx-stderr.log"), sep="\n",
-              file=sys.stderr)
-        raise
-    return port
-
-
-def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
-                  workers: int | None, name: str = "gateway",
-                  extra_env: dict[str, str] | None = None) -> tuple[int, subprocess.Popen, Path]:
-    port = free_port()
-    env = dict(os.environ)
-    for key in list(env):  # default everything else
-        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_")) \
-                or key in ("SPEEDUPS", "BUSY_POLL_US"):
-            del env[key]
-    env.update({
-        "PORT": f"tcp:{port}:interface={LOOPBACK}",
-        "STORAGE_SERVICE_URL": f"http://{LOOPBACK}:{upstream_port}",
-        # The limiter's budget must not be what the load measures.
-        "RATE_LIMIT_REQUESTS": "100000000",
-        "RATE_LIMIT_WINDOW": "1",
-        **(extra_env or {}),
-    })
-    log = tmp / f"{name}.log"
-    argv = [twistd, "-n", "--pidfile=", "deltagw"]
-    if workers:
-        argv.append(f"--workers={workers}")
-    proc = subprocess.Popen(
-        argv, env=env, cwd=tmp,  # cwd: import the installed deltagw, not a checkout
-        stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=_child_nofile,
-    )
-    procs.add(name, proc, signal.SIGTERM)
-    try:
-        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/health", 1)[0] == 200,
-                   20, name, alive=lambda: proc.poll() is None)
-    except BenchError:
-        print(tail(log), file=sys.stderr)
-        raise
-    return port, proc, log
-
-
-def start_baseline(tmp: Path, procs: Processes, python: str,
-                   upstream_port: int) -> tuple[int, subprocess.Popen]:
-    """The bare Twisted proxy (bench/baseline_proxy.py), for calibration."""
-    port = free_port()
-    log = tmp / "baseline.log"
-    proc = subprocess.Popen(
-        [python, str(BENCH_DIR / "baseline_proxy.py"), str(port),
-         f"http://{LOOPBACK}:{upstream_port}"],
-        cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=_child_nofile,
-    )
-    procs.add("baseline", proc, signal.SIGTERM)
-    try:
-        wait_until(lambda: http_get(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 1)[0] == 200,
-                   20, "baseline proxy", alive=lambda: proc.poll() is None)
-    except BenchError:
-        print(tail(log), file=sys.stderr)
-        raise
-    return port, proc
 
 
 # ---------------------------------------------------------------- wrk
@@ -463,25 +123,6 @@ def run_wrk(wrk: str, url: str, connections: int, duration: float,
     result = parse_wrk(done.stdout)
     result["raw"] = done.stdout
     return result
-
-
-# ---------------------------------------------------------------- body check
-
-
-def check_bodies(direct: int, gateway: int, when: str) -> list[str]:
-    errors = []
-    for dpath, gpath in (("/underlying/NIFTY", "/api/data/underlying/NIFTY"),
-                         ("/option/chain/NIFTY", "/api/data/chain/NIFTY")):
-        d_status, d_body, _ = http_get(f"http://{LOOPBACK}:{direct}{dpath}")
-        g_status, g_body, g_headers = http_get(f"http://{LOOPBACK}:{gateway}{gpath}")
-        if d_status != 200 or g_status != 200:
-            errors.append(f"body check {when}: {gpath} status direct {d_status}, gateway {g_status}")
-        elif d_body != g_body:
-            errors.append(f"body check {when}: {gpath} body differs "
-                          f"({len(g_body)} bytes through the gateway, {len(d_body)} direct)")
-        else:
-            print(f"  body check {when}: {gpath} 200, {len(g_body)} bytes, identical to direct")
-    return errors
 
 
 # ---------------------------------------------------------------- idle connections
@@ -870,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  load average at start {' '.join(m['loadavg_at_start'])}; "
               f"kernel {m['kernel']}, {m['wrk']}, {m['nginx']}")
 
-        direct_port = start_nginx(tmp, procs, nginx)
+        direct_port, nginx_proc = start_nginx(tmp, procs, nginx)
         gw_port, gw, gw_log = start_gateway(tmp, procs, twistd, direct_port, args.workers)
         print(f"  nginx on {LOOPBACK}:{direct_port}, gateway (pid {gw.pid}) on {LOOPBACK}:{gw_port}, "
               f"work dir {tmp}")
@@ -958,8 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_wrk(wrk, url, conns, args.warmup, threads)
 
         # How much of the machine did other processes take? (noise indicator)
-        nginx_pid = procs.procs[0][1].pid
-        measured = [gw.pid, nginx_pid, *sorted({pid for *_, pid in variants} - {gw.pid})]
+        measured = [gw.pid, nginx_proc.pid, *sorted({pid for *_, pid in variants} - {gw.pid})]
         busy0, ours0, wall0 = machine_busy_seconds(), ours_cpu_seconds(measured), \
             time.monotonic()
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -1090,29 +730,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.limiter_cost:
             print("  measuring the limiter on its own (bench/limiter.py)…")
-            out = tmp / "limiter.json"
-            # Its own session, stopped like the other children: SIGTERM reaches both
-            # it and the redis-server it starts, so neither outlives an interrupted run.
-            lim_log = tmp / "limiter.log"
-            lim = subprocess.Popen([str(Path(twistd).parent / "python"),
-                                    str(BENCH_DIR / "limiter.py"), "--json", str(out)],
-                                   cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(lim_log, "wb"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-            procs.add("limiter", lim, signal.SIGTERM)
-            try:
-                lim.wait(timeout=600)
-            except subprocess.TimeoutExpired:
-                raise BenchError("bench/limiter.py did not finish in 600 s") from None
-            if lim.returncode != 0 or not out.exists():
-                raise BenchError(f"bench/limiter.py failed ({lim.returncode}): "
-                                 f"{tail(lim_log)}")
-            results["limiter"] = json.loads(out.read_text())
+            results["limiter"] = run_limiter_script(str(Path(twistd).parent / "python"),
+                                                    tmp, procs)
 
         if gw.poll() is not None:
             errors.append(f"the gateway exited with status {gw.returncode} during the run")
-        for name, proc, _ in procs.procs:
-            if name != "limiter" and proc.poll() is not None:
-                errors.append(f"{name} exited with status {proc.returncode} during the run")
+        for name, status in procs.exited():
+            if name != "limiter":
+                errors.append(f"{name} exited with status {status} during the run")
         for log in variant_logs:
             for what, count in scan_gateway_log(log)["errors"].items():
                 msg = f"{log.stem} logged {count} × {what}"
