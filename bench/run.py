@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import json
 import os
 import platform
 import re
-import selectors
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,10 +38,12 @@ from harness.cpu_memory import (children_cpu_seconds, machine_busy_seconds, ours
                                 proc_memory_mb, tree_cpu_seconds)
 from harness.errors import BenchError, Interrupted
 from harness.fixtures import check_bodies, chain_body, underlying_body
+from harness.idle_connections import hold_idle_connections
 from harness.locations import BENCH_DIR, LOOPBACK, REPO_DIR
 from harness.polling import http_get, wait_until
 from harness.processes import (Processes, raise_nofile, run_limiter_script, start_baseline,
                                start_gateway, start_nginx)
+from harness.wrk import run_wrk
 
 # (key, description, direct path on nginx, gateway path, connections)
 SCENARIOS = [
@@ -73,209 +72,6 @@ TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy'
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-# ---------------------------------------------------------------- wrk
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
-    if not m:
-        raise BenchError(f"cannot parse wrk latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def parse_wrk(out: str) -> dict[str, Any]:
-    """Requests/sec, p50, completed requests and errors from wrk's report."""
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    total = re.search(r"^\s+(\d+) requests in ([\d.]+\w+)", out, re.M)
-    if not (rps and p50 and total):
-        raise BenchError(f"cannot parse wrk output:\n{out}")
-    socket_errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
-    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if se:
-        socket_errors = dict(zip(socket_errors, map(int, se.groups())))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {
-        "rps": float(rps.group(1)),
-        "p50_ms": _ms(p50.group(1)),
-        "requests": int(total.group(1)),
-        "non_2xx_3xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": socket_errors,
-    }
-
-
-def run_wrk(wrk: str, url: str, connections: int, duration: float,
-            threads: int | None = None) -> dict[str, Any]:
-    threads = threads or (1 if connections == 1 else 2)
-    duration = max(1, round(duration))  # wrk takes whole seconds only
-    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
-    if done.returncode != 0:
-        raise BenchError(f"wrk failed ({done.returncode}): {' '.join(argv)}: "
-                         f"{(done.stderr or done.stdout).strip()[:300]}")
-    result = parse_wrk(done.stdout)
-    result["raw"] = done.stdout
-    return result
-
-
-# ---------------------------------------------------------------- idle connections
-
-
-def response_complete(head: bytes, body: bytes) -> bool:
-    """Whether ``body`` holds the whole body (Content-Length or chunked)."""
-    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-    if m:
-        return len(body) >= int(m.group(1))
-    if not re.search(rb"(?im)^transfer-encoding:.*chunked", head):
-        return False  # read-until-close bodies do not keep the connection
-    pos = 0
-    while True:
-        eol = body.find(b"\r\n", pos)
-        if eol < 0:
-            return False
-        size = int(body[pos:eol].split(b";")[0], 16)
-        if size == 0:
-            return body.find(b"\r\n\r\n", eol) == eol or body.endswith(b"\r\n\r\n")
-        pos = eol + 2 + size + 2
-        if pos > len(body):
-            return False
-
-
-def hold_idle_connections(port: int, n: int, pid: int, deadline_s: float = 90.0,
-                          max_pending: int = 40) -> dict[str, Any]:
-    """Open ``n`` keep-alive connections, one ``GET /health`` each, and hold them.
-
-    At most ``max_pending`` connections are connecting or waiting for their
-    answer at a time: the gateway listens with Twisted's default backlog (50),
-    and a burst of SYNs beyond it would measure SYN retransmission, not the
-    gateway.
-    """
-    request = (f"GET /health HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
-               f"Connection: keep-alive\r\n\r\n").encode()
-    sel = selectors.DefaultSelector()
-    held: list[socket.socket] = []
-    bufs: dict[socket.socket, bytearray] = {}
-    errors: Counter[str] = Counter()
-    statuses: Counter[int] = Counter()
-    opened = finished = pending = 0
-    started = time.monotonic()
-    deadline = started + deadline_s
-
-    def fail(sock: socket.socket, why: str) -> None:
-        nonlocal finished, pending
-        errors[why] += 1
-        finished += 1
-        pending -= 1
-        sel.unregister(sock)
-        bufs.pop(sock, None)
-        sock.close()
-
-    try:
-        while finished < n:
-            if time.monotonic() > deadline:
-                errors["deadline passed"] += n - finished
-                break
-            while opened < n and pending < max_pending:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                err = sock.connect_ex((LOOPBACK, port))
-                opened += 1
-                pending += 1
-                if err not in (0, errno.EINPROGRESS):
-                    errors[f"connect: {errno.errorcode.get(err, err)}"] += 1
-                    finished += 1
-                    pending -= 1
-                    sock.close()
-                    continue
-                sel.register(sock, selectors.EVENT_WRITE, "connecting")
-            for key, _ in sel.select(timeout=0.5):
-                sock = key.fileobj
-                if key.data == "connecting":
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        fail(sock, f"connect: {errno.errorcode.get(err, err)}")
-                        continue
-                    try:
-                        sent = sock.send(request)
-                    except OSError as e:
-                        fail(sock, f"send: {e.strerror}")
-                        continue
-                    if sent != len(request):
-                        fail(sock, "send: short write")
-                        continue
-                    bufs[sock] = bytearray()
-                    sel.modify(sock, selectors.EVENT_READ, "reading")
-                    continue
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    fail(sock, f"recv: {e.strerror}")
-                    continue
-                if not data:
-                    fail(sock, "closed before the response")
-                    continue
-                buf = bufs[sock]
-                buf += data
-                head, sep, body = bytes(buf).partition(b"\r\n\r\n")
-                if not sep:
-                    continue
-                if not response_complete(head, body):
-                    continue
-                status = int(head.split(None, 2)[1])
-                statuses[status] += 1
-                sel.unregister(sock)
-                del bufs[sock]
-                pending -= 1
-                finished += 1
-                if status == 200:
-                    held.append(sock)
-                else:
-                    errors[f"status {status}"] += 1
-                    sock.close()
-        established_s = time.monotonic() - started
-        memory = proc_memory_mb(pid)
-
-        # Are they all still open? A closed one reads as EOF.
-        poller = selectors.DefaultSelector()
-        for sock in held:
-            poller.register(sock, selectors.EVENT_READ)
-        closed = 0
-        for key, _ in poller.select(timeout=0):
-            try:
-                if key.fileobj.recv(1, socket.MSG_PEEK) == b"":
-                    closed += 1
-            except OSError:
-                closed += 1
-        poller.close()
-        still_open = len(held) - closed
-        # The gateway must still answer while they are all held.
-        health = http_get(f"http://{LOOPBACK}:{port}/health", 5)[0]
-    finally:
-        for sock in held:
-            sock.close()
-        for key in list(sel.get_map().values()):
-            key.fileobj.close()
-        sel.close()
-    return {
-        "requested": n,
-        "answered_200": statuses.get(200, 0),
-        "held": still_open,
-        "closed_by_gateway": closed,
-        "errors": dict(errors),
-        "seconds_to_establish": round(established_s, 2),
-        "rss_mb_while_held": round(memory["VmRSS"], 1),
-        "hwm_mb_while_held": round(memory["VmHWM"], 1),
-        "health_while_held": health,
-    }
 
 
 def scan_gateway_log(path: Path) -> dict[str, Any]:
