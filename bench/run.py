@@ -18,19 +18,14 @@ that would not start); 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +33,14 @@ from harness.cpu_memory import (children_cpu_seconds, machine_busy_seconds, ours
                                 proc_memory_mb, tree_cpu_seconds)
 from harness.errors import BenchError, Interrupted
 from harness.fixtures import check_bodies, chain_body, underlying_body
+from harness.gateway_log import scan_gateway_log
 from harness.idle_connections import hold_idle_connections
 from harness.locations import BENCH_DIR, LOOPBACK, REPO_DIR
+from harness.machine import machine_info
 from harness.polling import http_get, wait_until
 from harness.processes import (Processes, raise_nofile, run_limiter_script, start_baseline,
                                start_gateway, start_nginx)
+from harness.profiling import profile_gateway
 from harness.wrk import run_wrk
 
 # (key, description, direct path on nginx, gateway path, connections)
@@ -72,139 +70,6 @@ TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy'
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-def scan_gateway_log(path: Path) -> dict[str, Any]:
-    """Count the gateway's log lines and its error/critical events, by last line."""
-    lines = 0
-    size = path.stat().st_size
-    errors: Counter[str] = Counter()
-    outcomes: Counter[str] = Counter()
-    with open(path, errors="replace") as f:
-        for line in f:
-            lines += 1
-            if '"outgoing_response"' in line:
-                try:
-                    event = json.loads(line)
-                    outcomes[f"{event.get('status_code')} {event.get('outcome')}"] += 1
-                except ValueError:
-                    pass
-            if '"level":"error"' not in line and '"level":"critical"' not in line \
-                    and "Traceback" not in line:
-                continue
-            try:
-                event = json.loads(line)
-                text = str(event.get("event") or event.get("failure") or line)
-            except ValueError:
-                text = line
-            last = [ln for ln in text.strip().splitlines() if ln.strip()]
-            errors[(last[-1] if last else text).strip()[:200]] += 1
-    return {"lines": lines, "bytes": size, "errors": dict(errors),
-            "responses_by_status_and_outcome": dict(outcomes.most_common())}
-
-
-# ---------------------------------------------------------------- profile
-
-
-def profile_gateway(pid: int, url: str, wrk: str, seconds: float, tmp: Path,
-                    out_dir: Path) -> dict[str, Any]:
-    """Sample the gateway with py-spy under 64-connection load; top own time."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
-        raise BenchError("--profile needs py-spy (.venv/bin/pip install py-spy)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "profile-small_64c.txt"
-    spy = subprocess.Popen([py_spy, "record", "-r", "250", "-d", f"{seconds:g}", "-p", str(pid),
-                            "-f", "raw", "-o", str(raw), "--nonblocking"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        run_wrk(wrk, url, 64, seconds + 1)
-        spy_out, _ = spy.communicate(timeout=seconds + 30)
-    finally:
-        if spy.poll() is None:
-            spy.kill()
-            spy.wait()
-    if spy.returncode != 0 or not raw.exists():
-        raise BenchError(f"py-spy failed: {spy_out.strip()}")
-    own: Counter[str] = Counter()        # by function, leaf frame only
-    inclusive: Counter[str] = Counter()  # by function, anywhere in the stack
-    own_file: Counter[str] = Counter()   # by source file, leaf frame only
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        total += n
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
-        own[frames[-1]] += n
-        m = re.search(r"\((.*)\)$", frames[-1])
-        own_file[m.group(1) if m else frames[-1]] += n
-        for f in set(frames):
-            inclusive[f] += n
-
-    def top(counter: Counter[str], k: int) -> list[dict[str, Any]]:
-        return [{"frame": f, "pct": round(100 * c / total, 1), "samples": c}
-                for f, c in counter.most_common(k)]
-
-    return {"samples": total, "raw": str(raw), "top_own": top(own, 15),
-            "top_own_by_file": top(own_file, 15), "top_inclusive": top(inclusive, 40)}
-
-
-# ---------------------------------------------------------------- machine
-
-
-def machine_info(twistd: str) -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    python = str(Path(twistd).parent / "python")
-    probe = ("import json, sys, twisted, importlib.metadata as m;"
-             "print(json.dumps({'python': sys.version.split()[0], 'twisted': twisted.__version__,"
-             "'deltagw': m.version('deltagw'), 'klein': m.version('klein'),"
-             "'treq': m.version('treq'), 'deltagw_path': __import__('deltagw').__path__[0]}))")
-    try:
-        versions = json.loads(subprocess.run([python, "-c", probe], capture_output=True, cwd="/",
-                                             text=True, timeout=30).stdout)
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        versions = {"python": platform.python_version()}
-    # The benchmark runs the installed package: does it match the checkout?
-    installed = Path(versions.pop("deltagw_path", "/nonexistent"))
-    checkout = REPO_DIR / "deltagw"
-    names = {p.relative_to(checkout) for p in checkout.rglob("*.py")} | \
-        {p.relative_to(installed) for p in installed.rglob("*.py")}
-    versions["installed_matches_checkout"] = all(
-        (checkout / n).is_file() and (installed / n).is_file()
-        and (checkout / n).read_bytes() == (installed / n).read_bytes() for n in names)
-
-    def first_line(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (done.stdout + done.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "unknown"
-
-    commit = first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--",
-                            "deltagw", "twisted", "setup.py"],
-                           capture_output=True, text=True).stdout.strip()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        **versions,
-        "wrk": first_line(["wrk", "-v"]),
-        "nginx": first_line(["nginx", "-v"]),
-        "git_commit": commit + ("+dirty" if dirty else ""),
-    }
 
 
 # ---------------------------------------------------------------- main
@@ -503,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             print(f"  profiling the gateway with py-spy for {args.profile:g}s at 64 connections…")
             results["profile"] = profile_gateway(gw.pid, urls["small_64c"]["gateway"], wrk,
-                                                 args.profile, tmp, args.output.parent)
+                                                 args.profile, args.output.parent)
 
         idle = None
         if not args.no_idle and args.idle_connections:
