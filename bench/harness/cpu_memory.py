@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -72,3 +73,22 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) / 1024
     return out
+
+
+class OtherProcessesMeter:
+    """CPUs kept busy by processes other than the benchmark's, from now until ``cpus_busy()``.
+
+    wrk, nginx and the gateways share the machine; anything else that runs
+    meanwhile makes the figures noisy, and this says how much.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.machine_busy0 = machine_busy_seconds()
+        self.ours0 = ours_cpu_seconds(pids)
+        self.wall0 = time.monotonic()
+
+    def cpus_busy(self) -> float:
+        """How many CPUs' worth other processes used since the start, on average."""
+        return ((machine_busy_seconds() - self.machine_busy0)
+                - (ours_cpu_seconds(self.pids) - self.ours0)) / (time.monotonic() - self.wall0)

@@ -104,7 +104,8 @@ def check_bodies(direct: int, gateway: int, when: str) -> list[str]:
         d_status, d_body, _ = http_get(f"http://{LOOPBACK}:{direct}{dpath}")
         g_status, g_body, _ = http_get(f"http://{LOOPBACK}:{gateway}{gpath}")
         if d_status != 200 or g_status != 200:
-            errors.append(f"body check {when}: {gpath} status direct {d_status}, gateway {g_status}")
+            errors.append(f"body check {when}: {gpath} status direct {d_status}, "
+                          f"gateway {g_status}")
         elif d_body != g_body:
             errors.append(f"body check {when}: {gpath} body differs "
                           f"({len(g_body)} bytes through the gateway, {len(d_body)} direct)")

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from harness.locations import REPO_DIR
+from harness.locations import REPO_DIR, venv_python
 
 # Run by the venv's Python: the versions the gateway runs with, not ours.
 VERSIONS_PROBE = (
@@ -75,7 +75,7 @@ def git_commit() -> str:
 def machine_info(twistd: str) -> dict[str, Any]:
     """Date, CPUs, kernel, versions (of the venv that holds ``twistd``) and git commit."""
     model = cpu_model()
-    versions = installed_versions(str(Path(twistd).parent / "python"))
+    versions = installed_versions(venv_python(twistd))
     # The benchmark runs the installed package: does it match the checkout?
     installed = Path(versions.pop("deltagw_path", "/nonexistent"))
     versions["installed_matches_checkout"] = installed_matches_checkout(installed)

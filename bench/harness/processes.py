@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.errors import BenchError
 from harness.fixtures import write_site
-from harness.locations import BENCH_DIR, LOOPBACK
+from harness.locations import BENCH_DIR, LOOPBACK, venv_python
 from harness.polling import http_get, wait_until
 
 NOFILE_WANTED = 65536
@@ -64,6 +65,7 @@ class Processes:
         self.procs: list[tuple[str, subprocess.Popen, int]] = []
 
     def add(self, name: str, proc: subprocess.Popen, stop_signal: int) -> None:
+        """Stop ``proc`` with ``stop_signal`` at the end (``name`` is for messages)."""
         self.procs.append((name, proc, stop_signal))
 
     def exited(self) -> list[tuple[str, int]]:
@@ -182,49 +184,61 @@ def gateway_environment(port: int, upstream_port: int,
     return env
 
 
-def start_gateway(tmp: Path, procs: Processes, twistd: str, upstream_port: int,
-                  workers: int | None, name: str = "gateway",
-                  extra_env: dict[str, str] | None = None) -> tuple[int, subprocess.Popen, Path]:
-    """``twistd -n deltagw`` in front of ``upstream_port``; its port, process and log file."""
-    port = free_port()
-    env = gateway_environment(port, upstream_port, extra_env)
-    log = tmp / f"{name}.log"
-    argv = [twistd, "-n", "--pidfile=", "deltagw"]
-    if workers:
-        argv.append(f"--workers={workers}")
-    proc = subprocess.Popen(
-        argv, env=env, cwd=tmp,  # cwd: import the installed deltagw, not a checkout
-        stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=raise_child_nofile,
-    )
-    procs.add(name, proc, signal.SIGTERM)
-    wait_ready(f"http://{LOOPBACK}:{port}/health", 20, name, proc, [log])
-    return port, proc, log
+@dataclass
+class Launcher:
+    """Starts the run's gateways and bare proxy: in its work dir, in front of its nginx.
+
+    Each child is added to ``procs``, which stops them all at the end.
+    """
+
+    tmp: Path
+    procs: Processes
+    twistd: str
+    upstream_port: int
+
+    def start_gateway(self, workers: int | None, name: str = "gateway",
+                      extra_env: dict[str, str] | None = None,
+                      twistd: str | None = None) -> tuple[int, subprocess.Popen, Path]:
+        """``twistd -n deltagw`` (ours, or ``twistd``); its port, process and log file."""
+        port = free_port()
+        env = gateway_environment(port, self.upstream_port, extra_env)
+        log = self.tmp / f"{name}.log"
+        argv = [twistd or self.twistd, "-n", "--pidfile=", "deltagw"]
+        if workers:
+            argv.append(f"--workers={workers}")
+        proc = subprocess.Popen(
+            argv, env=env, cwd=self.tmp,  # cwd: import the installed deltagw, not a checkout
+            stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=raise_child_nofile,
+        )
+        self.procs.add(name, proc, signal.SIGTERM)
+        wait_ready(f"http://{LOOPBACK}:{port}/health", 20, name, proc, [log])
+        return port, proc, log
+
+    def start_baseline(self) -> tuple[int, subprocess.Popen]:
+        """The bare Twisted proxy (bench/baseline_proxy.py), for calibration."""
+        port = free_port()
+        log = self.tmp / "baseline.log"
+        proc = subprocess.Popen(
+            [venv_python(self.twistd), str(BENCH_DIR / "baseline_proxy.py"), str(port),
+             f"http://{LOOPBACK}:{self.upstream_port}"],
+            cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=raise_child_nofile,
+        )
+        self.procs.add("baseline", proc, signal.SIGTERM)
+        wait_ready(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 20, "baseline proxy", proc,
+                   [log])
+        return port, proc
 
 
-def start_baseline(tmp: Path, procs: Processes, python: str,
-                   upstream_port: int) -> tuple[int, subprocess.Popen]:
-    """The bare Twisted proxy (bench/baseline_proxy.py), for calibration."""
-    port = free_port()
-    log = tmp / "baseline.log"
-    proc = subprocess.Popen(
-        [python, str(BENCH_DIR / "baseline_proxy.py"), str(port),
-         f"http://{LOOPBACK}:{upstream_port}"],
-        cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=raise_child_nofile,
-    )
-    procs.add("baseline", proc, signal.SIGTERM)
-    wait_ready(f"http://{LOOPBACK}:{port}/underlying/NIFTY", 20, "baseline proxy", proc, [log])
-    return port, proc
-
-
-def run_limiter_script(python: str, tmp: Path, procs: Processes) -> dict[str, Any]:
-    """Run bench/limiter.py to the end and return the figures it wrote."""
+def run_limiter_script(twistd: str, tmp: Path, procs: Processes) -> dict[str, Any]:
+    """Run bench/limiter.py (with the venv of ``twistd``) to the end; the figures it wrote."""
     out = tmp / "limiter.json"
     # Its own session, stopped like the other children: SIGTERM reaches both
     # it and the redis-server it starts, so neither outlives an interrupted run.
     log = tmp / "limiter.log"
-    proc = subprocess.Popen([python, str(BENCH_DIR / "limiter.py"), "--json", str(out)],
+    proc = subprocess.Popen([venv_python(twistd), str(BENCH_DIR / "limiter.py"),
+                             "--json", str(out)],
                             cwd=tmp, stdin=subprocess.DEVNULL, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     procs.add("limiter", proc, signal.SIGTERM)
