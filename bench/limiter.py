@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the rate limiter costs (issue 5 item 7), outside the gateway.
+"""What the rate limiter costs, outside the gateway.
 
 ``.venv/bin/python bench/limiter.py`` measures, with the installed deltagw:
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     results = {"python": sys.version.split()[0], "twisted": twisted.__version__,
                "deltagw_path": deltagw.__path__[0], "local": local, "redis": redis}
-    print("limiter (issue 5 item 7):")
+    print("limiter:")
     print(*report_lines(local, redis), sep="\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -6,7 +6,7 @@ serving fixed JSON bodies on loopback, starts ``twistd -n deltagw`` pointed at
 it, and drives both with ``wrk``, interleaving direct and gateway runs so that
 machine noise hits both sides alike. It reports medians over rounds, ratios to
 the direct runs, the gateway's CPU time per request and memory, holds many
-idle keep-alive connections, checks the issue's targets, and writes
+idle keep-alive connections, checks the performance targets, and writes
 ``bench/results/latest.json``.
 
 Standard library only (run it with the venv's Python so ``twistd`` is found).

@@ -1,4 +1,4 @@
-"""The issue's targets, each judged PASS/FAIL (SKIP when not run, INFO without a target).
+"""The performance targets, each judged PASS/FAIL (SKIP when not run, INFO without a target).
 
 A missed target is reported, not an error: it does not change the exit status.
 """
@@ -18,8 +18,8 @@ TARGET_PASSTHROUGH_RATIO = 0.06
 TARGET_RSS_MB = 80.0
 TARGET_IDLE_CONNECTIONS = 10_000
 TARGET_IDLE_RSS_MB = 300.0
-TARGET_WORKERS_RATIO = 1.6      # issue 9 item 3: 2 workers vs 1 process at 64 connections
-TARGET_LIMITER_LOCAL_US = 5.0   # issue 5 item 7 (bench/limiter.py)
+TARGET_WORKERS_RATIO = 1.6      # 2 workers vs 1 process at 64 connections
+TARGET_LIMITER_LOCAL_US = 5.0   # in-process limiter CPU per consume (bench/limiter.py)
 TARGET_LIMITER_REDIS_MS = 1.0
 TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy's (64 connections)
 
