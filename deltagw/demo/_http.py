@@ -40,19 +40,25 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_body(request: IRequest, status: int, body: object) -> bytes:
+def json_body(
+    request: IRequest, status: int, body: object, cache_control: bytes | None = None
+) -> bytes:
     """Set the status and JSON content type, and encode ``body``.
 
     Args:
         request: The request being answered.
         status: HTTP status code.
         body: A JSON-serialisable value.
+        cache_control: The answer's ``Cache-Control`` (RFC 9111 §5.2.2),
+            as a real market-data service would send it; None sends none.
 
     Returns:
         The encoded body, for a Klein handler to return.
     """
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    if cache_control is not None:
+        request.setHeader(b"Cache-Control", cache_control)
     return json.dumps(body).encode("utf-8")
 
 

@@ -84,6 +84,7 @@ class AnalyticsBackend:
                 "total_call_volume": call_volume,
                 "total_put_volume": put_volume,
             },
+            cache_control=b"max-age=1",
         )
 
     @app.route("/volatility-surface/<product>", methods=["GET"])
@@ -107,4 +108,5 @@ class AnalyticsBackend:
                     for chain in found.chains
                 ],
             },
+            cache_control=b"max-age=5",
         )

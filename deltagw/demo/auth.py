@@ -49,6 +49,9 @@ MIN_PASSWORD_LENGTH = 8
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _DIGITS = re.compile(r"[0-9]+")
 
+_NEVER_STORED = b"no-store"
+"""Tokens and identities are for one client only: no cache may keep them (RFC 9111 §5.2.2.5)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -460,6 +463,7 @@ class AuthBackend:
                 "token": self._tokens.issue(user.id, user.email),
                 "user": user.public(),
             },
+            cache_control=_NEVER_STORED,
         )
 
     @app.route("/login", methods=["POST"])
@@ -480,6 +484,7 @@ class AuthBackend:
             request,
             200,
             {"token": self._tokens.issue(user.id, user.email), "user": user.public()},
+            cache_control=_NEVER_STORED,
         )
 
     @app.route("/verify", methods=["POST"])
@@ -491,6 +496,7 @@ class AuthBackend:
             request,
             200,
             {"valid": True, "user_id": claims.user_id, "email": claims.email},
+            cache_control=_NEVER_STORED,
         )
 
     @app.route("/logout", methods=["POST"])
@@ -513,7 +519,7 @@ class AuthBackend:
         except ApiError:
             raise _invalid_bearer() from None
         await self._store.revoke(claims.jti, claims.expires_at, self._clock.seconds())
-        return json_body(request, 200, {"message": "Logged out"})
+        return json_body(request, 200, {"message": "Logged out"}, cache_control=_NEVER_STORED)
 
     async def _check(self, token: str) -> Claims:
         try:

@@ -79,7 +79,9 @@ class StorageBackend:
     @app.route("/products", methods=["GET"])
     def products(self, request: IRequest) -> bytes:
         """List the products with data, in listing order."""
-        return json_body(request, 200, {"products": list(self._market.products)})
+        return json_body(
+            request, 200, {"products": list(self._market.products)}, cache_control=b"max-age=60"
+        )
 
     @app.route("/underlying/<product>", methods=["GET"])
     def underlying(self, request: IRequest, product: str) -> bytes:
@@ -106,7 +108,8 @@ class StorageBackend:
             and (end is None or tick.timestamp <= end)
         ][:limit]
         return json_body(
-            request, 200, {"product": product, "count": len(ticks), "ticks": ticks}
+            request, 200, {"product": product, "count": len(ticks), "ticks": ticks},
+            cache_control=b"max-age=1",
         )
 
     @app.route("/option/chain/<product>", methods=["GET"])
@@ -132,4 +135,5 @@ class StorageBackend:
                 "calls": [_option(quote) for quote in chain.calls],
                 "puts": [_option(quote) for quote in chain.puts],
             },
+            cache_control=b"max-age=1",
         )

@@ -205,3 +205,29 @@ async def test_unexpected_errors_get_a_json_500_without_the_traceback() -> None:
     [line] = [e for e in _json_lines(events) if e["event"] == "demo_unhandled_error"]
     assert line["level"] == "error" and line["component"] == "demo"
     assert "RuntimeError" in line["exception"] and "\n" not in json.dumps(line)
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_say_how_long_a_cache_may_keep_them(
+    client: Client, platform: DemoPlatform
+) -> None:
+    """Market data says how fresh it stays, as a real market-data service would
+    (RFC 9111 §5.2.2.1); the auth service's answers may never be stored; errors say nothing."""
+    storage, analytics, auth = (platform.urls[name] for name in ("storage", "analytics", "auth"))
+    expected = {
+        f"{storage}/products": "max-age=60",
+        f"{storage}/underlying/NIFTY": "max-age=1",
+        f"{storage}/option/chain/NIFTY": "max-age=1",
+        f"{analytics}/pcr/NIFTY": "max-age=1",
+        f"{analytics}/volatility-surface/NIFTY": "max-age=5",
+        f"{storage}/underlying/NOPE": None,
+    }
+    seen = {url: (await client.get(url)).header("cache-control") for url in expected}
+    assert seen == expected
+    registered = await client.post(
+        f"{auth}/register",
+        {"email": "cache@example.com", "password": "correct horse battery", "name": "C"},
+    )
+    assert (registered.status, registered.header("cache-control")) == (201, "no-store")
+    verified = await client.post(f"{auth}/verify", {"token": registered.json["token"]})
+    assert (verified.status, verified.header("cache-control")) == (200, "no-store")
