@@ -10,7 +10,7 @@ from deltagw.config import ConfigError, load_settings
 from deltagw.tap import Options
 
 
-def test_defaults_match_design():
+def test_defaults_match_the_documented_ones():
     """With nothing set, the defaults README's Configuration table lists apply."""
     settings = load_settings({})
     assert settings.port == "tcp:8000:backlog=1024"
