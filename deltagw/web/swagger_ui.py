@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-from typing import Any
 
 import swagger_ui_bundle
 from twisted.web import http
 from twisted.web.resource import Resource
 
 from deltagw.errors import NotFound, write_error
+from deltagw.web.site import GatewayRequest
 
 _JS = b"text/javascript; charset=utf-8"  # RFC 9239
 _CSS = b"text/css; charset=utf-8"
@@ -91,7 +91,7 @@ class _File(Resource):
         self.content_type = content_type
         self.etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode("ascii") + b'"'
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: GatewayRequest) -> bytes:
         request.setHeader(b"Content-Type", self.content_type)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Cache-Control", CACHE_CONTROL)
@@ -107,7 +107,7 @@ class _NotFound(Resource):
 
     isLeaf = True
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: GatewayRequest) -> bytes:
         request.outcome = getattr(request, "outcome", None) or NotFound.outcome
         return write_error(request, NotFound())
 
@@ -161,12 +161,12 @@ class SwaggerUIResource(Resource):
             found = self._bundled[name] = _File(body, BUNDLED_ASSETS[name])
         return found
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: GatewayRequest) -> bytes:
         return self.index.render_GET(request)
 
     render_HEAD = render_GET
 
-    def getChild(self, path: bytes, request: Any) -> Resource:
+    def getChild(self, path: bytes, request: GatewayRequest) -> Resource:
         # Exactly one segment, naming a listed file: anything deeper, any
         # "..", any encoded "/" or odd byte simply names no listed file.
         if request.postpath:
