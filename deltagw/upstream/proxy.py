@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,27 @@ class RelayEnding(enum.Enum):
     CLIENT_SLOW = "client_slow"
     """The client read nothing for CLIENT_TIMEOUT: its connection must close,
     with nothing left to flush to a reader that reads nothing."""
+
+
+@dataclass(frozen=True)
+class WholeResponse:
+    """An upstream's answer read whole (`Proxy.fetch_whole`).
+
+    Attributes:
+        code: The status code.
+        phrase: The reason phrase.
+        headers: The end-to-end fields, as the upstream sent them.
+        body: The body.
+        requested_at: ``reactor.seconds()`` when the call was made.
+        received_at: ``reactor.seconds()`` when the body had arrived.
+    """
+
+    code: int
+    phrase: bytes
+    headers: list[Header]
+    body: bytes
+    requested_at: float
+    received_at: float
 
 
 class ClientTooSlow(Exception):
@@ -249,25 +271,49 @@ class Proxy:
     ) -> tuple[int, Any]:
         """GET ``url`` and return its status and JSON body, buffered.
 
-        For the gateway's own composed answers (``deltagw.web.composition``): the call
-        passes the same in-flight cap, circuit breaker and retry policy as a
-        forwarded one, but its body is read into memory (at most
+        For the gateway's own composed answers (``deltagw.web.composition``),
+        through `fetch_whole`.
+
+        Returns:
+            ``(status, document)``: the upstream's status code and its body
+            parsed as JSON, or None when the body is empty or not JSON.
+
+        Raises:
+            UpstreamUnavailable: as `fetch_whole`.
+        """
+        whole = await self.fetch_whole(b"GET", service, url, headers, timeout, note, max_bytes)
+        try:
+            document = json.loads(whole.body) if whole.body else None
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            document = None
+        return whole.code, document
+
+    async def fetch_whole(
+        self,
+        method: bytes,
+        service: Service,
+        url: str,
+        headers: list[Header] | None,
+        timeout: float,
+        note: Note | None = None,
+        max_bytes: int = MAX_JSON_BYTES,
+    ) -> WholeResponse:
+        """Make a call and read its whole answer into memory.
+
+        The call passes the same in-flight cap, circuit breaker and retry
+        policy as a forwarded one, but its body is read (at most
         ``max_bytes``) instead of being relayed. The whole exchange, headers
         and body, must end within ``timeout``.
 
         Args:
+            method: ``GET`` or ``HEAD`` (no request body is sent).
             service: The upstream service.
             url: Full upstream URL, query included.
             headers: Request header fields, ``(name, value)`` pairs.
             timeout: Seconds for the whole call (the service's timeout).
             note: Called as ``note(service_name, started, failure_or_None)``
-                for the headers' outcome and any body failure, like
-                for forwarded calls.
+                for the headers' outcome and any body failure.
             max_bytes: Largest body accepted.
-
-        Returns:
-            ``(status, document)``: the upstream's status code and its body
-            parsed as JSON, or None when the body is empty or not JSON.
 
         Raises:
             UpstreamUnavailable: shed, circuit open, no response headers
@@ -280,7 +326,7 @@ class Proxy:
         self.in_flight[service.name] += 1
         try:
             response = await self._response_headers(
-                b"GET", None, note, service, url, headers, timeout, breaker, started
+                method, None, note, service, url, headers, timeout, breaker, started
             )
             left = max(0.0, started + timeout - self._reactor.seconds())
             try:
@@ -290,11 +336,10 @@ class Proxy:
                 raise UpstreamUnavailable(service, f"body_{e.reason}") from None
         finally:
             self.in_flight[service.name] -= 1
-        try:
-            document = json.loads(body) if body else None
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-            document = None
-        return response.code, document
+        return WholeResponse(
+            response.code, response.phrase, response.headers, body, started,
+            self._reactor.seconds(),
+        )
 
     def _admit(self, service: Service, started: float, note: Note) -> CircuitBreaker:
         """Let a call through the in-flight cap and the breaker, or refuse it.
