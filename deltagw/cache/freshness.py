@@ -107,7 +107,9 @@ def _full_year(two_digits: int, now: float) -> int:
     return year - 100 if year > this_year + 50 else year
 
 
-def _timestamp(year: int, month: int, day: int, hour: int, minute: int, second: int) -> float | None:
+def _timestamp(
+    year: int, month: int, day: int, hour: int, minute: int, second: int
+) -> float | None:
     if year < 1 or not 1 <= day <= calendar.monthrange(year, month)[1]:
         return None
     # Second 60 is a leap second (RFC 9110 §5.6.7).
@@ -147,7 +149,8 @@ def freshness_lifetime(
         return float(directives.max_age)
     if expires is not None:
         return max(0.0, expires - date)
-    if default_ttl is not None and (status in HEURISTICALLY_CACHEABLE_STATUSES or directives.public):
+    heuristic_allowed = status in HEURISTICALLY_CACHEABLE_STATUSES or directives.public
+    if default_ttl is not None and heuristic_allowed:
         return max(0.0, default_ttl)
     return 0.0
 

@@ -67,7 +67,7 @@ class HttpDateTests(SynchronousTestCase):
                          float(calendar.timegm((1977, 1, 1, 0, 0, 0))))
 
     def test_invalid_dates(self) -> None:
-        """RFC 9111 §5.3: "0" and other non-dates are not dates (the caller says what that means)."""
+        """RFC 9111 §5.3: "0" and other non-dates are no dates (the caller decides the meaning)."""
         for value in (
             b"0", b"", b"-1", b"tomorrow",
             b"Sun, 06 Nov 1994 08:49:37",
@@ -286,7 +286,7 @@ class UseOfStoredTests(SynchronousTestCase):
         self.assertEqual(self.use(self.stored(), b"no-cache"), StoredUse.FORWARD)
 
     def test_request_max_age(self) -> None:
-        """RFC 9111 §5.2.1.1: max-age=N accepts an age up to N; max-age=0 at age 0 still answers."""
+        """RFC 9111 §5.2.1.1: max-age=N accepts an age up to N; so max-age=0 accepts age 0."""
         self.assertEqual(self.use(self.stored(), b"max-age=0"), StoredUse.FRESH)
         freshness = self.stored()
         self.assertEqual(self.use(freshness, b"max-age=10", after=10), StoredUse.FRESH)
@@ -318,7 +318,7 @@ class UseOfStoredTests(SynchronousTestCase):
         self.assertEqual(self.use(freshness, b"max-stale=30", after=65), StoredUse.STALE_ALLOWED)
 
     def test_request_limits_apply_to_stale_while_revalidate(self) -> None:
-        """RFC 9111 §5.2.1.1, §5.2.1.4: a client's max-age or no-cache beats the upstream's window."""
+        """RFC 9111 §5.2.1.1, §5.2.1.4: the client's max-age or no-cache beats the window."""
         freshness = self.stored(stale_while_revalidate=10)
         self.assertEqual(self.use(freshness, b"max-age=30", after=65), StoredUse.FORWARD)
         self.assertEqual(self.use(freshness, b"no-cache"), StoredUse.FORWARD)

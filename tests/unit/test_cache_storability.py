@@ -108,7 +108,7 @@ class StorageRefusalTests(SynchronousTestCase):
         self.assertEqual(refusal([(b"Cache-Control", b"public")]), Refusal.NOT_FRESH)
 
     def test_zero_or_invalid_lifetime(self) -> None:
-        """RFC 9111 §4.2.1: max-age=0, an invalid max-age, a past Expires or s-maxage=0 is stale at once."""
+        """RFC 9111 §4.2.1: max-age=0, an invalid max-age, a past Expires, s-maxage=0: stale."""
         for headers in ([(b"Cache-Control", b"max-age=0")],
                         [(b"Cache-Control", b"max-age=never")],
                         [(b"Expires", b"0")],
@@ -142,7 +142,7 @@ class InvalidationTests(SynchronousTestCase):
             self.assertTrue(invalidates_stored(method, status), method)
 
     def test_errors_and_safe_methods_do_not(self) -> None:
-        """RFC 9111 §4.4: errors changed nothing; safe methods change nothing (RFC 9110 §9.2.1)."""
+        """RFC 9111 §4.4: errors changed nothing, nor do safe methods (RFC 9110 §9.2.1)."""
         for method, status in ((b"POST", 400), (b"DELETE", 503), (b"GET", 200), (b"HEAD", 200),
                                (b"OPTIONS", 204)):
             self.assertFalse(invalidates_stored(method, status), method)
