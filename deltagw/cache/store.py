@@ -168,7 +168,7 @@ class ResponseStore:
         return self._bytes
 
     def __contains__(self, url: bytes) -> bool:
-        """Whether any response is held for ``url``: tells a URL miss from a Vary miss (RFC 9211)."""
+        """Whether any response is held for ``url``: a URL miss or a Vary miss (RFC 9211)."""
         return url in self._entries
 
     def lookup(self, url: bytes, request_headers: HeaderPairs) -> StoredResponse | None:
