@@ -18,9 +18,9 @@ cache serve something it should not, read in the most restrictive way
   `RequestDirectives`). A value too large to hold becomes 2^31
   (RFC 9111 §1.2.2).
 - The qualified forms ``no-cache="field"`` and ``private="field"`` are read
-  as the unqualified ones: the cache does not strip fields, so it treats
-  the whole response as the directive's target, which RFC 9111 §5.2.2.4 and
-  §5.2.2.7 permit.
+  as the unqualified ones, the stricter reading, and the common one (RFC
+  9111 §5.2.2.4 and §5.2.2.7 note it): the cache does not strip fields from
+  a stored response, so the directive covers all of it.
 """
 
 from __future__ import annotations

@@ -292,13 +292,16 @@ def use_of_stored(freshness: Freshness, request: RequestDirectives, now: float) 
         now: ``reactor.seconds()``.
 
     Returns:
-        `StoredUse.FORWARD` when the request asks for validation (no-cache,
-        §5.2.1.4), is older than the request's max-age (§5.2.1.1), is fresh
-        for less than its min-fresh (§5.2.1.3), or is stale beyond what the
-        request's max-stale and the response's stale-while-revalidate allow
-        or with a directive that forbids stale use (§4.2.4). Otherwise
-        `StoredUse.FRESH`, `StoredUse.STALE_ALLOWED` or
-        `StoredUse.STALE_WHILE_REVALIDATE`, in that order of preference.
+        `StoredUse.FRESH` when fresh and fresh enough for the request.
+        When stale: `StoredUse.STALE_ALLOWED` within the request's max-stale
+        (§5.2.1.2), else `StoredUse.STALE_WHILE_REVALIDATE` within the
+        response's window, unless the request has max-age or min-fresh,
+        which ask for a fresh response when max-stale does not accompany
+        them (§5.2.1.1, §5.2.1.3). Otherwise `StoredUse.FORWARD`: the
+        request asks for validation (no-cache, §5.2.1.4), the response is
+        older than the request's max-age or fresh for less than its
+        min-fresh, it is stale beyond what is allowed, or it forbids stale
+        use (§4.2.4).
     """
     if request.no_cache:
         return StoredUse.FORWARD
@@ -310,11 +313,15 @@ def use_of_stored(freshness: Freshness, request: RequestDirectives, now: float) 
         if request.min_fresh is not None and remaining < request.min_fresh:
             return StoredUse.FORWARD
         return StoredUse.FRESH
-    if freshness.directives.forbids_stale:
+    if freshness.directives.forbids_stale or request.min_fresh is not None:
         return StoredUse.FORWARD
     staleness = -remaining
-    if request.max_stale is not None and staleness <= request.max_stale:
-        return StoredUse.STALE_ALLOWED
+    if request.max_stale is not None:
+        # The client's own bound on staleness; the upstream's window does
+        # not widen it.
+        return StoredUse.STALE_ALLOWED if staleness <= request.max_stale else StoredUse.FORWARD
+    if request.max_age is not None:
+        return StoredUse.FORWARD
     if _within(staleness, freshness.directives.stale_while_revalidate):
         return StoredUse.STALE_WHILE_REVALIDATE
     return StoredUse.FORWARD

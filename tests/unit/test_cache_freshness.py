@@ -323,6 +323,25 @@ class UseOfStoredTests(SynchronousTestCase):
         self.assertEqual(self.use(freshness, b"max-age=30", after=65), StoredUse.FORWARD)
         self.assertEqual(self.use(freshness, b"no-cache"), StoredUse.FORWARD)
 
+    def test_request_max_age_wants_no_stale_response(self) -> None:
+        """RFC 9111 §5.2.1.1: with max-age and no max-stale, the client wants no stale
+        response, even one young enough; with max-stale too, it accepts one."""
+        freshness = self.stored(stale_while_revalidate=10)
+        self.assertEqual(self.use(freshness, b"max-age=100", after=65), StoredUse.FORWARD)
+        self.assertEqual(self.use(freshness, b"max-age=100, max-stale=10"),
+                         StoredUse.STALE_ALLOWED)
+
+    def test_request_min_fresh_wants_no_stale_response(self) -> None:
+        """RFC 9111 §5.2.1.3: min-fresh asks for freshness left, which a stale response lacks."""
+        freshness = self.stored(stale_while_revalidate=10)
+        self.assertEqual(self.use(freshness, b"min-fresh=0", after=65), StoredUse.FORWARD)
+
+    def test_request_max_stale_is_not_widened(self) -> None:
+        """RFC 9111 §5.2.1.2: a client's max-stale bounds the staleness it gets, even where
+        the upstream's stale-while-revalidate would allow more."""
+        freshness = self.stored(stale_while_revalidate=10)
+        self.assertEqual(self.use(freshness, b"max-stale=3", after=65), StoredUse.FORWARD)
+
     def test_directives_that_forbid_stale_use(self) -> None:
         """RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10: must-revalidate, proxy-revalidate,
         s-maxage and no-cache beat max-stale and stale-while-revalidate."""
