@@ -13,6 +13,7 @@ value)`` byte pairs, as `deltagw.upstream.forwarding` builds them.
 - `store`: responses in memory, bounded in bytes, least recently used out.
 - `coalescing`: concurrent misses on one key share one upstream call.
 - `status`: the ``Cache-Status`` and ``Age`` values of an answer.
+- `fields`: reading header fields from ``(name, value)`` pairs.
 
 Putting it in front of the request path is a separate step; this package
 imports only the foundations (``tests/unit/test_layers.py``).

@@ -160,9 +160,10 @@ def corrected_initial_age(
 ) -> float:
     """The age of a response when it arrived (RFC 9111 §4.2.3).
 
-    The larger of two estimates, so an upstream clock that lags ours and a
-    slow hop both count: the apparent age (our receipt time minus its Date)
-    and the Age it carried plus the time the call took.
+    The larger of two estimates: the apparent age, our receipt time minus
+    its Date, which counts the time spent behind caches that send no Age
+    (and, as well, any lag of the upstream's clock behind ours); and the
+    Age it carried plus the time the call took.
 
     Args:
         age_value: Its Age, 0 when absent.
