@@ -106,7 +106,7 @@ class FillsInProgress:
     def end(
         self, key: bytes, token: list[defer.Deferred[None]], failure: Failure | None = None
     ) -> None:
-        """Release the requests waiting for the call ``token`` began (once; later calls do nothing)."""
+        """Release the requests waiting for the call ``token`` began (once; later calls do not)."""
         if self._waiting.get(key) is not token:
             return
         del self._waiting[key]
@@ -280,9 +280,9 @@ class SharedCache:
                                  self._settings.cache_default_ttl(route.group))
         # The client's own fields: a token the gateway turned into X-User-ID
         # still makes the answer that user's (RFC 9111 §3.5).
-        return storage_refusal(
-            b"GET", response.code, _fields_for_storing(request.requestHeaders), response.headers, freshness
-        ) is None
+        asked_with = _fields_for_storing(request.requestHeaders)
+        refusal = storage_refusal(b"GET", response.code, asked_with, response.headers, freshness)
+        return refusal is None
 
     def _store_if_allowed(
         self, request: GatewayRequest, route: Route, key: bytes, headers: list[Header],
@@ -304,7 +304,7 @@ class SharedCache:
         self, request: GatewayRequest, route: Route, key: bytes, headers: list[Header],
         why: Forward,
     ) -> bool:
-        """The upstream gave no answer: write the stored copy if stale-if-error allows it (RFC 5861 §4).
+        """No upstream answer: the stored copy answers if stale-if-error allows (RFC 5861 §4).
 
         Returns:
             True when the stored copy answered; False when the caller's

@@ -56,7 +56,7 @@ async def test_a_fresh_answer_is_stored_then_served_with_age(make_gateway, upstr
 
 @pytest_twisted.ensureDeferred
 async def test_what_may_not_be_stored_always_goes_upstream(make_gateway, upstream):
-    """No lifetime, private, no-store, Set-Cookie: each request is forwarded; Cache-Status says so."""
+    """No lifetime, private, no-store, Set-Cookie: each request is forwarded (Cache-Status: fwd)."""
     gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
     for cache_control, extra in ((None, ()), (b"private, max-age=60", ()),
                                  (b"no-store", ()), (b"max-age=60", ((b"Set-Cookie", b"a=b"),))):
@@ -151,7 +151,7 @@ async def test_the_rate_limit_and_authentication_run_before_the_cache(make_gatew
 
 @pytest_twisted.ensureDeferred
 async def test_head_is_answered_from_a_stored_get(make_gateway, upstream):
-    """A HEAD after a stored GET: the stored fields and Content-Length, no body, no upstream call."""
+    """A HEAD after a stored GET: the stored fields and Content-Length, no body, no upstream."""
     upstream.respond = _answering(b"max-age=60")
     gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
     get = await gateway.get("/api/data/products")
