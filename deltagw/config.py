@@ -340,10 +340,6 @@ class Settings:
         """The base URL of a service named in the route table."""
         return getattr(self, f"{service}_url")
 
-    def cache_default_ttl(self, group: str) -> float | None:
-        """CACHE_TTL's lifetime for a route group's answers that state none, or None."""
-        return dict(self.cache_ttl).get(group)
-
     def upstream_timeout(self, service: str) -> float:
         """The timeout of a service named in the route table."""
         return getattr(self, f"{service}_timeout")

@@ -31,6 +31,7 @@ access log line a ``cache`` field.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +75,15 @@ ONLY_IF_CACHED_STATUS = 504
 """RFC 9111 §5.2.1.7: ``only-if-cached`` and nothing stored that may answer."""
 
 
+UNCACHEABLE_SECONDS = 10.0
+"""How long a URL whose last answer could not be stored is forwarded without
+waiting for calls in progress (Varnish's hit-for-miss): waiting for an
+answer that will not be shared would only queue requests behind each other."""
+
+MAX_UNCACHEABLE_URLS = 10_000
+"""URLs remembered as uncacheable at once; the oldest are forgotten first."""
+
+
 class FillsInProgress:
     """GETs on their way upstream, by URL, and the requests waiting for them.
 
@@ -85,9 +95,27 @@ class FillsInProgress:
     def __init__(self) -> None:
         self.waited = 0
         self._waiting: dict[bytes, list[defer.Deferred[None]]] = {}
+        self._uncacheable: OrderedDict[bytes, float] = OrderedDict()
 
     def in_progress(self, key: bytes) -> bool:
         return key in self._waiting
+
+    def worth_waiting(self, key: bytes, now: float) -> bool:
+        """Whether a call for ``key`` may be shared: its last answer was not uncacheable."""
+        until = self._uncacheable.get(key)
+        if until is None:
+            return True
+        if until > now:
+            return False
+        del self._uncacheable[key]
+        return True
+
+    def uncacheable(self, key: bytes, now: float) -> None:
+        """Remember that ``key``'s answer could not be stored (`UNCACHEABLE_SECONDS`)."""
+        self._uncacheable[key] = now + UNCACHEABLE_SECONDS
+        self._uncacheable.move_to_end(key)
+        if len(self._uncacheable) > MAX_UNCACHEABLE_URLS:
+            self._uncacheable.popitem(last=False)
 
     def begin(self, key: bytes) -> list[defer.Deferred[None]]:
         """Mark a call for ``key`` as on its way; the token ends it (`end`)."""
@@ -146,6 +174,7 @@ class SharedCache:
         self._refreshes = refreshes
         self._proxy = proxy
         self._settings = settings
+        self._default_ttls = dict(settings.cache_ttl)
         self._metrics = metrics
 
     async def forward(
@@ -166,7 +195,9 @@ class SharedCache:
         if asked.only_if_cached:
             self._answer_only_if_cached(request, route)
             return
-        if request.method == b"GET" and self._fills.in_progress(key):
+        now = self._reactor.seconds()
+        shared = request.method == b"GET" and self._fills.worth_waiting(key, now)
+        if shared and self._fills.in_progress(key):
             try:
                 await self._fills.wait(key)
             except UpstreamUnavailable:
@@ -178,7 +209,7 @@ class SharedCache:
                                                           headers, timeout, asked):
                 return
         why = _why_forwarded(key in self._store, stored is not None, asked)
-        await self._forward_upstream(request, route, key, url, headers, timeout, why)
+        await self._forward_upstream(request, route, key, url, headers, timeout, why, shared)
 
     def _answered_with(
         self,
@@ -210,11 +241,12 @@ class SharedCache:
         headers: list[Header],
         timeout: float,
         why: Forward,
+        shared: bool,
     ) -> None:
         """Forward, streamed; keep and store the answer when RFC 9111 allows it."""
         assert route.service is not None
         fill = None
-        if request.method == b"GET" and not self._fills.in_progress(key):
+        if shared and not self._fills.in_progress(key):
             fill = self._fills.begin(key)
         outcome: Failure | None = None
         try:
@@ -264,20 +296,25 @@ class SharedCache:
                 and (response.length is UNKNOWN_LENGTH or response.length <= limit)
                 and self._storable(request, route, response)
             )
-            status = forwarded(why, stored=storable)
+            status, value = _FORWARDED[why, storable]
             # After any the upstream's own caches wrote (RFC 9211 §2).
-            request.responseHeaders.addRawHeader(b"Cache-Status", status.header_value())
+            request.responseHeaders.addRawHeader(b"Cache-Status", value)
             self._count(request, route, status)
-            if not storable and fill is not None:
-                self._fills.end(key, fill)
+            if not storable and request.method == b"GET":
+                self._fills.uncacheable(key, self._reactor.seconds())
+                if fill is not None:
+                    self._fills.end(key, fill)
             return limit if storable else 0
 
         return keep
 
     def _storable(self, request: GatewayRequest, route: Route, response: UpstreamResponse) -> bool:
+        default_ttl = self._default_ttls.get(route.group)
+        if default_ttl is None and not _states_a_lifetime(response.headers):
+            # The common uncacheable answer, told without parsing a field.
+            return False
         now = self._reactor.seconds()
-        freshness = freshness_of(response.code, response.headers, now, now,
-                                 self._settings.cache_default_ttl(route.group))
+        freshness = freshness_of(response.code, response.headers, now, now, default_ttl)
         # The client's own fields: a token the gateway turned into X-User-ID
         # still makes the answer that user's (RFC 9111 §3.5).
         asked_with = _fields_for_storing(request.requestHeaders)
@@ -290,7 +327,7 @@ class SharedCache:
     ) -> bool:
         freshness = freshness_of(
             response.code, response.headers, response.requested_at, response.received_at,
-            self._settings.cache_default_ttl(route.group),
+            self._default_ttls.get(route.group),
         )
         if storage_refusal(b"GET", response.code, _fields_for_storing(request.requestHeaders),
                            response.headers, freshness) is not None:
@@ -380,6 +417,21 @@ class SharedCache:
 
 
 _NOTHING_ASKED = request_directives(())
+
+_FORWARDED = {
+    (why, stored): (status, status.header_value())
+    for why in Forward
+    for stored in (False, True)
+    for status in (forwarded(why, stored=stored),)
+}
+"""Each forwarded Cache-Status once, with its field value: one is sent per forwarded request."""
+
+_LIFETIME_FIELDS = frozenset({b"cache-control", b"expires"})
+
+
+def _states_a_lifetime(fields: list[Header]) -> bool:
+    """Whether an answer has a field that could give it a lifetime (RFC 9111 §4.2.1)."""
+    return any(name.lower() in _LIFETIME_FIELDS for name, _ in fields)
 
 
 def _asked(request: GatewayRequest) -> RequestDirectives:

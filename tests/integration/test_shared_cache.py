@@ -173,3 +173,15 @@ async def test_cache_off_forwards_everything(make_gateway, upstream):
         await response.content()
         assert response.headers.getRawHeaders(b"cache-status") is None
     assert len(upstream.seen) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_ttl_gives_a_lifetime_to_answers_that_state_none(make_gateway, upstream):
+    """CACHE_TTL=data:60: a data answer without Cache-Control is stored; an analytics one is not."""
+    upstream.respond = _answering(None)
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url,
+                                 ANALYTICS_SERVICE_URL=upstream.url, CACHE_TTL="data:60")
+    for path in ("/api/data/products", "/api/analytics/pcr/NIFTY"):
+        for _ in range(2):
+            await (await gateway.get(path)).content()
+    assert [seen.uri for seen in upstream.seen] == [b"/products", b"/pcr/NIFTY", b"/pcr/NIFTY"]
