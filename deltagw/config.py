@@ -142,6 +142,20 @@ def _groups(text: str) -> frozenset[str]:
     return groups
 
 
+def _group_seconds(text: str) -> tuple[tuple[str, float], ...]:
+    """``data:1,analytics:2``: seconds by route group (CACHE_TTL)."""
+    ttls: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        group, colon, seconds = part.partition(":")
+        if not colon or group.strip() not in GUARDABLE_GROUPS:
+            raise ValueError(f"expected group:seconds with a group among "
+                             f"{', '.join(sorted(GUARDABLE_GROUPS))}, got {part!r}")
+        ttls[group.strip()] = _seconds(seconds.strip())
+    return tuple(sorted(ttls.items()))
+
+
 def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
@@ -254,6 +268,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_ca_file", "UPSTREAM_CA_FILE", "", _optional_text),
     Setting("upstream_client_cert", "UPSTREAM_CLIENT_CERT", "", _optional_text),
     Setting("upstream_client_key", "UPSTREAM_CLIENT_KEY", "", _optional_text),
+    Setting("cache", "CACHE", "1", _flag),
+    Setting("cache_max_bytes", "CACHE_MAX_BYTES", str(64 * 1024 * 1024), _positive_int),
+    Setting("cache_max_entry_bytes", "CACHE_MAX_ENTRY_BYTES", str(1024 * 1024), _positive_int),
+    Setting("cache_ttl", "CACHE_TTL", "", _group_seconds),
+    Setting("cache_stale_if_error", "CACHE_STALE_IF_ERROR", "0", _non_negative_seconds),
     Setting("workers", "WORKERS", "1", _positive_int, "workers",
             "Worker processes serving PORT (more than 1: a parent binds it once and "
             "supervises them)."),
@@ -310,6 +329,11 @@ class Settings:
     upstream_ca_file: str | None
     upstream_client_cert: str | None
     upstream_client_key: str | None
+    cache: bool
+    cache_max_bytes: int
+    cache_max_entry_bytes: int
+    cache_ttl: tuple[tuple[str, float], ...]
+    cache_stale_if_error: float
     workers: int
 
     def upstream_url(self, service: str) -> str:

@@ -31,6 +31,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 from deltagw import __version__
@@ -131,6 +132,14 @@ class Metrics:
             registry=self.registry,
         )
         self._limiter_up.set(1)
+        self._cache_requests = Counter(
+            "deltagw_cache_requests",
+            "Requests of cached routes, by route template and cache result "
+            "(hit, stale, miss, bypass).",
+            ("route", "result"), registry=self.registry,
+        )
+        self._cache_state = _CacheCollector()
+        self.registry.register(self._cache_state)
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)
@@ -202,6 +211,20 @@ class Metrics:
         if failure_reason is not None:
             reason = failure_reason if _REASON.match(failure_reason) else OTHER
             self._child(self._upstream_failures, label, reason).inc()
+
+    def cache_request(self, route: str | None, result: str) -> None:
+        """Count one request of a cached route by its result (``hit``, ``stale``, ...)."""
+        self._child(self._cache_requests, self.route_label(route), result).inc()
+
+    def watch_cache(self, state: Callable[[], Any]) -> None:
+        """Read the cache's size, evictions and coalesced waiters at scrape time.
+
+        Args:
+            state: Returns ``(store, fills)``: the objects in use now (a
+                settings reload may replace the store); ``fills.waited``
+                counts requests that waited for another's upstream call.
+        """
+        self._cache_state.state = state
 
     def rate_limited(self, group: str) -> None:
         """Count one request refused by the rate limiter."""
@@ -276,3 +299,44 @@ def metrics_allowed(client_address: str, allow: tuple[Network, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in allow)
+
+
+class _NoCache:
+    """What a gateway without a cache reports: nothing stored, nothing waited."""
+
+    stored_bytes = entries = evictions = waited = 0
+
+
+_NO_CACHE = _NoCache()
+
+
+class _CacheCollector:
+    """The cache's own counts, read from the store and the coalescer when scraped.
+
+    A collector rather than gauges with a function: evictions and coalesced
+    waiters are counters, which prometheus_client cannot read from a function.
+    """
+
+    def __init__(self) -> None:
+        self.state: Callable[[], Any] | None = None
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        store, fills = self.state() if self.state is not None else (_NO_CACHE, _NO_CACHE)
+        yield GaugeMetricFamily(
+            "deltagw_cache_bytes", "Bytes the cache holds, as it accounts them.",
+            value=store.stored_bytes,
+        )
+        yield GaugeMetricFamily(
+            "deltagw_cache_entries", "URLs the cache holds a response for.", value=store.entries
+        )
+        yield CounterMetricFamily(
+            "deltagw_cache_evictions", "Entries dropped to stay within CACHE_MAX_BYTES.",
+            value=store.evictions,
+        )
+        yield CounterMetricFamily(
+            "deltagw_cache_coalesced", "Requests that waited for another's upstream call "
+            "instead of making their own.", value=fills.waited,
+        )

@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from deltagw.cache.coalescing import Coalescer
 from deltagw.config import ConfigError, Settings
 from deltagw.logs import LogFlusher, get_logger, observer, set_least_level
 from deltagw.metrics import Metrics
@@ -36,6 +37,7 @@ from deltagw.upstream.retry import RetryPolicy
 from deltagw.upstream.tls import upstream_tls_policy
 from deltagw.web.application import Gateway
 from deltagw.web.request_tracker import RequestTracker
+from deltagw.web.shared_cache import FillsInProgress, SharedCache, cache_store
 from deltagw.web.site import GatewaySite
 
 _log = get_logger(component="service")
@@ -104,6 +106,8 @@ RATE_LIMIT_FIELDS = (
     "rate_limit_auth_window", "rate_limit_max_keys", "rate_limit_fail_closed", "redis_url",
     "rate_limit_ipv6_prefix",
 )
+CACHE_STORE_FIELDS = ("cache_max_bytes", "cache_max_entry_bytes")
+"""A change of these starts an empty store (so does turning the cache off: it frees it)."""
 
 
 def _differ(old: Settings, new: Settings, names: tuple[str, ...]) -> bool:
@@ -222,6 +226,11 @@ class GatewayService(MultiService):
             client_timeout=settings.client_timeout,
         )
         self.metrics = Metrics()
+        # The cache outlives settings reloads, as the limiter's buckets do.
+        self.cache_store = cache_store(settings)
+        self.cache_fills = FillsInProgress()
+        self.cache_refreshes: Coalescer[Any] = Coalescer()
+        self.metrics.watch_cache(lambda: (self.cache_store, self.cache_fills))
         # The gauges read the proxy's own counters and the limiter's state when scraped.
         self.metrics.watch(
             in_flight=self.proxy.in_flight,
@@ -262,6 +271,16 @@ class GatewayService(MultiService):
             self.limits,
             metrics=self.metrics,
             readiness=self.readiness,
+            cache=self._cache(settings),
+        )
+
+    def _cache(self, settings: Settings) -> SharedCache | None:
+        if not settings.cache:
+            return None
+        return SharedCache(
+            self.reactor, self.cache_store, self.cache_fills, self.cache_refreshes, self.proxy,
+            settings,
+            self.metrics,
         )
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
@@ -293,6 +312,8 @@ class GatewayService(MultiService):
             previous, self.limits = self.limits, RateLimits(settings, self.reactor)
             self.limits.setServiceParent(self)
             previous.disownServiceParent()
+        if _differ(old, settings, CACHE_STORE_FIELDS) or not settings.cache:
+            self.cache_store = cache_store(settings)
         self.gateway = self._gateway(settings)
         self.tracker.wrapped = self.gateway.resource()
         self.site.settings = settings

@@ -91,6 +91,21 @@ class WholeResponse:
     received_at: float
 
 
+Keep = Callable[[UpstreamResponse], int]
+"""Asked at a forwarded response's head: how many body bytes to keep a copy of (0: none)."""
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """What `Proxy.forward` did: how the relay ended, and the answer if it kept it whole."""
+
+    ending: RelayEnding
+    kept: WholeResponse | None = None
+
+
+_COMPLETE = Relayed(RelayEnding.COMPLETE)
+
+
 class ClientTooSlow(Exception):
     """The client read nothing of the answer for CLIENT_TIMEOUT."""
 
@@ -111,9 +126,12 @@ class _BodyRelay(Protocol):
 
     def __init__(
         self, request: http.Request, reactor: IReactorTime, upstream_timeout: float,
-        client_timeout: float,
+        client_timeout: float, keep_limit: int = 0,
     ) -> None:
         self._request = request
+        self._keep_limit = keep_limit
+        self._kept: list[bytes] | None = [] if keep_limit else None
+        self._kept_size = 0
         self._reactor = reactor
         self._upstream_timeout = upstream_timeout
         self._client_timeout = client_timeout
@@ -126,9 +144,22 @@ class _BodyRelay(Protocol):
         self._timer = self._reactor.callLater(self._upstream_timeout, self._upstream_stalled)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._kept is not None:
+            self._keep(data)
         self._request.write(data)  # may pause this relay at once
         if not self._paused and self._timer.active():
             self._timer.reset(self._upstream_timeout)
+
+    def _keep(self, data: bytes) -> None:
+        self._kept_size += len(data)
+        if self._kept_size > self._keep_limit:
+            self._kept = None  # too long to keep: relayed only
+        else:
+            self._kept.append(data)  # type: ignore[union-attr]
+
+    def kept(self) -> bytes | None:
+        """The body's copy, when one was asked for and the body was not too long."""
+        return None if self._kept is None else b"".join(self._kept)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         self._stop_timer()
@@ -223,7 +254,8 @@ class Proxy:
         headers: list[Header] | None,
         timeout: float,
         note: Note,
-    ) -> RelayEnding:
+        keep: Keep | None = None,
+    ) -> Relayed:
         """Send ``request`` to ``url`` and relay the response to the client.
 
         The call counts as in flight for its service from before it is sent
@@ -238,10 +270,13 @@ class Proxy:
             timeout: Seconds to wait for response headers, and between body chunks.
             note: Called as ``note(service_name, started, failure_or_None)``
                 for the headers' outcome and for any body failure.
+            keep: Asked at the response head how many body bytes to keep a
+                copy of (0: none); a body that turns out longer is not kept.
 
         Returns:
-            How the relay ended; on anything but `RelayEnding.COMPLETE` the
-            caller must close the client's connection.
+            How the relay ended (on anything but `RelayEnding.COMPLETE` the
+            caller must close the client's connection), and the whole
+            answer when ``keep`` asked for it and it was relayed whole.
 
         Raises:
             UpstreamUnavailable: nothing has been written yet, and either the
@@ -256,7 +291,7 @@ class Proxy:
                 request.method, _body_of(request), note,
                 service, url, headers, timeout, breaker, started,
             )
-            return await self._relay(request, note, service, response, timeout, started)
+            return await self._relay(request, note, service, response, timeout, started, keep)
         finally:
             self.in_flight[service.name] -= 1
 
@@ -411,8 +446,8 @@ class Proxy:
 
     async def _relay(
         self, request: http.Request, note: Note, service: Service, response: UpstreamResponse,
-        timeout: float, started: float,
-    ) -> RelayEnding:
+        timeout: float, started: float, keep: Keep | None,
+    ) -> Relayed:
         """Write the upstream's status, headers and body to the client.
 
         Raises:
@@ -434,25 +469,33 @@ class Proxy:
             # The framing of this body; a HEAD or 304 answer keeps the
             # upstream's Content-Length, and a 204 has none.
             request.setHeader(b"Content-Length", b"%d" % response.length)
+        # Asked once the upstream's fields are in place, before a byte is written.
+        keep_limit = keep(response) if keep is not None else 0
         if body is not None:
             # The usual small answer came whole with its head: no relay,
             # timer or producer is needed to pass it on.
             request.write(body)
         else:
-            relay = _BodyRelay(request, self._reactor, timeout, self._client_timeout)
+            relay = _BodyRelay(request, self._reactor, timeout, self._client_timeout, keep_limit)
             response.deliverBody(relay)
             try:
                 await relay.done
             except ClientTooSlow:
                 # The client's fault, not the upstream's: no failure noted.
-                return RelayEnding.CLIENT_SLOW
+                return Relayed(RelayEnding.CLIENT_SLOW)
             except BodyInterrupted as e:
                 note(service.name, started, f"body_{e.reason}")
                 if not request.startedWriting:
                     request.responseHeaders = ours
                     raise UpstreamUnavailable(service, f"body_{e.reason}") from None
-                return RelayEnding.UPSTREAM_CUT
-        return RelayEnding.COMPLETE
+                return Relayed(RelayEnding.UPSTREAM_CUT)
+            body = relay.kept()
+        if not keep_limit or body is None or len(body) > keep_limit:
+            return _COMPLETE
+        return Relayed(RelayEnding.COMPLETE, WholeResponse(
+            response.code, response.phrase, response.headers, body, started,
+            self._reactor.seconds(),
+        ))
 
 
 _NO_RETRY = RetryPolicy(retries=0)

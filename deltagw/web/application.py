@@ -21,6 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from deltagw import __version__
+from deltagw.cache.storability import ANSWERED_METHODS
 from deltagw.config import Settings
 from deltagw.errors import (
     BadRequest,
@@ -48,6 +49,7 @@ from deltagw.web.cors import CorsPolicy
 from deltagw.web.openapi import openapi_document, server_url
 from deltagw.web.request_identity import is_trusted_peer
 from deltagw.web.route_lookup import DirectRoutes, RouteIndex
+from deltagw.web.shared_cache import SharedCache
 from deltagw.web.site import GatewayRequest
 from deltagw.web.swagger_ui import SwaggerUIResource
 
@@ -105,12 +107,14 @@ class Gateway:
         limits: RateLimits,
         metrics: Metrics | None = None,
         readiness: Callable[[], tuple[int, dict[str, Any]]] | None = None,
+        cache: SharedCache | None = None,
     ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.proxy = proxy
         self.authenticator = authenticator
         self.limits = limits
+        self.cache = cache
         self.cors = CorsPolicy(settings.cors_origins)
         self.metrics = metrics if metrics is not None else Metrics()
         # The drain service answers readiness; without one (a bare
@@ -148,10 +152,13 @@ class Gateway:
         url = self._upstream_url(route, request, params)
         headers = self._upstream_headers(request, route, identity)
         timeout = self.settings.upstream_timeout(route.service.name)
-        ending = await self.proxy.forward(
+        if self.cache is not None and request.method in ANSWERED_METHODS:
+            await self.cache.forward(request, route, url, headers, timeout)
+            return None
+        relayed = await self.proxy.forward(
             request, route.service, url, headers, timeout, request.note_upstream
         )
-        await request.relay_ended(ending)
+        await request.relay_ended(relayed.ending)
         return None
 
     async def _admit(self, route: Route, request: GatewayRequest) -> Identity | None:

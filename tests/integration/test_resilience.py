@@ -411,9 +411,10 @@ async def test_saturated_service_sheds_with_503(make_gateway, upstream):
     gateway = await make_gateway(
         STORAGE_SERVICE_URL=upstream.url, MAX_IN_FLIGHT="2", RATE_LIMIT_REQUESTS="0"
     )
-    pending = [defer.ensureDeferred(gateway.get("/api/data/products")) for _ in range(2)]
+    # Three URLs: requests for one URL would wait for a single call (request coalescing).
+    pending = [defer.ensureDeferred(gateway.get(f"/api/data/products?n={n}")) for n in range(2)]
     await wait_until(lambda: len(held) == 2)
-    shed = await gateway.get("/api/data/products")
+    shed = await gateway.get("/api/data/products?n=2")
     assert (await _json(shed))["error"] == "Storage service unavailable"
     assert shed.headers.getRawHeaders(b"retry-after") == [b"1"]
     assert len(upstream.seen) == 2

@@ -161,7 +161,7 @@ def test_dashboard_is_well_formed():
     $__rate_interval."""
     dashboard = json.loads(DASHBOARD.read_text())
     panels = dashboard_panels()
-    assert len(panels) == 9
+    assert len(panels) == 11
     assert len({panel["id"] for panel in panels}) == len(panels)
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}
     assert variables == {"datasource", "instance"}
@@ -382,7 +382,7 @@ async def test_real_prometheus_scrapes_the_demo_and_answers_every_query(scratch)
             assert result, f"{title}: no data for {expression}"
             assert any(math.isfinite(_value(sample)) for sample in result), (title, result)
             results[expression] = result
-        assert len(results) == 12
+        assert len(results) == 17
 
         by_query = {title: results[expression] for title, expression in panel_queries()}
         requests = {(s["metric"]["route"], s["metric"]["status"])
@@ -393,6 +393,8 @@ async def test_real_prometheus_scrapes_the_demo_and_answers_every_query(scratch)
                     for s in by_query["Upstream failures by service and reason"]}
         assert ("storage", "shed") in failures, failures
         assert {s["metric"]["group"] for s in by_query["Rate-limited requests by group"]} == {"data"}
+        # The demo's product list says max-age=60: asked again and again, it is a miss then hits.
+        assert {"miss", "hit"} <= {s["metric"]["result"] for s in by_query["Cache results"]}
         circuits = {s["metric"]["service"]: _value(s) for s in by_query["Circuit state"]}
         assert circuits == {"auth": 0.0, "storage": 0.0, "analytics": 0.0}
         assert [_value(s) for s in by_query["Rate limiter backend"]] == [1.0]

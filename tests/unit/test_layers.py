@@ -17,7 +17,8 @@ SHARED = ("deltagw.config", "deltagw.routes", "deltagw.errors", "deltagw.logs",
           "deltagw.metrics", "deltagw.http_syntax")
 """The foundations every layer stands on: they import no layer."""
 
-LAYERS = ("deltagw.web", "deltagw.upstream", "deltagw.policy", "deltagw.process")
+LAYERS = ("deltagw.web", "deltagw.upstream", "deltagw.policy", "deltagw.process",
+          "deltagw.cache")
 
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     # The upstream side returns what happened; it never reaches back.
@@ -27,7 +28,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "deltagw.process": ("deltagw.web", "deltagw.policy", "deltagw.service", "deltagw.tap"),
     "deltagw.web": ("deltagw.process", "deltagw.service", "deltagw.tap"),
     "deltagw.speedups": ("deltagw.web", "deltagw.upstream", "deltagw.policy", "deltagw.process",
-                         "deltagw.service", "deltagw.tap"),
+                         "deltagw.cache", "deltagw.service", "deltagw.tap"),
+    # The cache's core is decisions on plain data: the web layer will call
+    # it, and it calls nothing back.
+    "deltagw.cache": ("deltagw.web", "deltagw.upstream", "deltagw.policy", "deltagw.process",
+                      "deltagw.speedups", "deltagw.demo", "deltagw.service", "deltagw.tap"),
     **{shared: LAYERS + ("deltagw.service", "deltagw.tap") for shared in SHARED},
 }
 """Prefixes a module under the key may not import."""
@@ -93,6 +98,11 @@ def test_the_rules_catch_a_forbidden_import() -> None:
     ]
     assert violations("deltagw.demo.auth", {"deltagw.logs", "deltagw.demo.market"}) == []
     assert violations("deltagw.web.site", {"deltagw.upstream.proxy"}) == []
+    assert violations("deltagw.cache.store", {"deltagw.upstream.proxy"}) == [
+        "deltagw.upstream.proxy"
+    ]
+    assert violations("deltagw.cache.store", {"deltagw.http_syntax", "deltagw.cache.keys"}) == []
+    assert violations("deltagw.metrics", {"deltagw.cache.status"}) == ["deltagw.cache.status"]
     source = "def f():\n    from ..web import site\n"
     assert imported_modules(source, "deltagw.upstream.proxy") >= {"deltagw.web.site"}
     assert imported_modules("from .web import site", "deltagw", is_package=True) >= {
@@ -102,7 +112,8 @@ def test_the_rules_catch_a_forbidden_import() -> None:
 
 def test_every_module_imports_only_what_its_layer_may() -> None:
     """web may use policy and upstream; upstream and policy never reach back to web;
-    the route table and the shared foundations import no layer; the demo only logs."""
+    the route table and the shared foundations import no layer; the cache imports only
+    the foundations; the demo only logs."""
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 40, "the package was not found where expected"
     broken = {

@@ -1,0 +1,187 @@
+"""The shared cache through a real gateway and real upstreams on loopback (RFC 9111, 9211, 5861)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.web.server import NOT_DONE_YET
+
+from tests.support import listen, wait_until
+
+
+def _answering(cache_control: bytes | None, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
+    """An upstream responder: a JSON body naming the call, with the given fields."""
+    calls = [0]
+
+    def respond(request: Any, seen: Any) -> bytes:
+        calls[0] += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        if cache_control is not None:
+            request.setHeader(b"Cache-Control", cache_control)
+        for name, value in extra:
+            request.setHeader(name, value)
+        user = dict((k.lower(), v) for k, v in seen.headers).get(b"x-user-id", b"-")
+        return json.dumps({"call": calls[0], "user": user.decode()}).encode()
+
+    return respond
+
+
+def _status(response: Any) -> bytes:
+    [value] = response.headers.getRawHeaders(b"cache-status")
+    return value
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_answer_is_stored_then_served_with_age(make_gateway, upstream, access_log):
+    """max-age=60: the first GET goes upstream and is stored, the second is a hit with Age;
+    the upstream sees one request, the log says miss then hit."""
+    upstream.respond = _answering(b"max-age=60")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    first = await gateway.get("/api/data/products")
+    first_body = await first.content()
+    second = await gateway.get("/api/data/products")
+    assert await second.content() == first_body
+    assert (first.code, second.code) == (200, 200)
+    assert _status(first) == b"deltagw; fwd=uri-miss; stored"
+    assert _status(second).startswith(b"deltagw; hit; ttl=")
+    assert second.headers.getRawHeaders(b"age") in ([b"0"], [b"1"])
+    assert second.length == len(first_body)  # Twisted's client keeps Content-Length as .length
+    assert len(upstream.seen) == 1
+    await wait_until(lambda: len(access_log) == 2)
+    assert [e["cache"] for e in access_log] == ["miss", "hit"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_may_not_be_stored_always_goes_upstream(make_gateway, upstream):
+    """No lifetime, private, no-store, Set-Cookie: each request is forwarded (Cache-Status: fwd)."""
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    for cache_control, extra in ((None, ()), (b"private, max-age=60", ()),
+                                 (b"no-store", ()), (b"max-age=60", ((b"Set-Cookie", b"a=b"),))):
+        upstream.respond = _answering(cache_control, extra)
+        seen = len(upstream.seen)
+        for _ in range(2):
+            response = await gateway.get("/api/data/products")
+            await response.content()
+            assert _status(response) in (b"deltagw; fwd=uri-miss", b"deltagw; fwd=vary-miss")
+        assert len(upstream.seen) == seen + 2, cache_control
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_users_answer_never_reaches_another(make_gateway, upstream):
+    """A per-user upstream (it answers by X-User-ID): without a word that it may be shared, each
+    user's request goes upstream; with public and Vary: X-User-ID, each user gets their own copy."""
+    from tests.integration.test_auth_gateway import USERS, AuthStub
+
+    auth = AuthStub()
+    listening = listen(auth)
+    try:
+        gateway = await make_gateway(
+            STORAGE_SERVICE_URL=upstream.url, AUTH_SERVICE_URL=listening.url,
+            REQUIRE_AUTH="data",
+        )
+        for cache_control, extra in ((b"max-age=60", ()),
+                                     (b"public, max-age=60", ((b"Vary", b"X-User-ID"),))):
+            upstream.respond = _answering(cache_control, extra)
+            path = "/api/data/underlying/NIFTY?c=" + cache_control.decode()
+            users = []
+            for token in (b"tok-alice", b"tok-bob", b"tok-alice", b"tok-bob"):
+                response = await gateway.get(path, headers={b"Authorization": [b"Bearer " + token]})
+                users.append(json.loads(await response.content())["user"])
+            assert users == [USERS[b"tok-alice"][0], USERS[b"tok-bob"][0]] * 2
+    finally:
+        await listening.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_misses_make_one_upstream_call(make_gateway, upstream):
+    """500 concurrent GETs of a cold URL: exactly one reaches the upstream; every client gets
+    the same status, fields and bytes."""
+    held: list[Any] = []
+    upstream.respond = lambda request, seen: (held.append(request), NOT_DONE_YET)[1]
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, RATE_LIMIT_REQUESTS="0")
+    pending = [defer.ensureDeferred(gateway.get("/api/data/chain/NIFTY")) for _ in range(500)]
+    await wait_until(lambda: held and gateway.service.cache_fills.waited == 499, timeout=30)
+    assert len(held) == 1
+    held[0].setHeader(b"Cache-Control", b"max-age=60")
+    held[0].setHeader(b"Content-Type", b"application/json")
+    held[0].write(b'{"chain": "NIFTY"}')
+    held[0].finish()
+    responses = await defer.gatherResults(pending)
+    bodies = await defer.gatherResults([r.content() for r in responses])
+    assert {r.code for r in responses} == {200} and set(bodies) == {b'{"chain": "NIFTY"}'}
+    assert {r.headers.getRawHeaders(b"content-type")[0] for r in responses} == {b"application/json"}
+    assert len(upstream.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_copy_answers_while_the_upstream_fails(make_gateway, upstream):
+    """stale-if-error: with storage silent past its timeout, a stored (stale) chain still
+    answers, marked fwd=stale; without a stored copy the same failure is the usual 503."""
+    # Stale on arrival (Age past max-age), and usable for an hour if the upstream fails.
+    upstream.respond = _answering(b"max-age=60, stale-if-error=3600", ((b"Age", b"120"),))
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, STORAGE_TIMEOUT="0.5")
+    first = await gateway.get("/api/data/chain/NIFTY")
+    body = await first.content()
+    upstream.respond = lambda request, seen: NOT_DONE_YET
+    second = await gateway.get("/api/data/chain/NIFTY")
+    assert (second.code, await second.content()) == (200, body)
+    assert _status(second).startswith(b"deltagw; fwd=stale; ttl=-")
+    third = await gateway.get("/api/data/chain/BANKNIFTY")
+    assert (third.code, _status(third)) == (503, b"deltagw; fwd=uri-miss")
+    await third.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_rate_limit_and_authentication_run_before_the_cache(make_gateway, upstream):
+    """A stored answer is never a way around a 429 or a 401."""
+    upstream.respond = _answering(b"public, max-age=60")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, RATE_LIMIT_REQUESTS="2",
+                                 RATE_LIMIT_WINDOW="600")
+    codes = []
+    for _ in range(3):
+        response = await gateway.get("/api/data/products")
+        await response.content()
+        codes.append(response.code)
+    assert codes == [200, 200, 429]
+    assert len(upstream.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_is_answered_from_a_stored_get(make_gateway, upstream):
+    """A HEAD after a stored GET: the stored fields and Content-Length, no body, no upstream."""
+    upstream.respond = _answering(b"max-age=60")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    get = await gateway.get("/api/data/products")
+    body = await get.content()
+    head = await gateway.request("HEAD", "/api/data/products")
+    assert (head.code, await head.content()) == (200, b"")
+    assert head.headers.getRawHeaders(b"content-length") == [b"%d" % len(body)]
+    assert _status(head).startswith(b"deltagw; hit")
+    assert len(upstream.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_off_forwards_everything(make_gateway, upstream):
+    """CACHE=0: no Cache-Status, every request reaches the upstream."""
+    upstream.respond = _answering(b"max-age=60")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, CACHE="0")
+    for _ in range(2):
+        response = await gateway.get("/api/data/products")
+        await response.content()
+        assert response.headers.getRawHeaders(b"cache-status") is None
+    assert len(upstream.seen) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_ttl_gives_a_lifetime_to_answers_that_state_none(make_gateway, upstream):
+    """CACHE_TTL=data:60: a data answer without Cache-Control is stored; an analytics one is not."""
+    upstream.respond = _answering(None)
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url,
+                                 ANALYTICS_SERVICE_URL=upstream.url, CACHE_TTL="data:60")
+    for path in ("/api/data/products", "/api/analytics/pcr/NIFTY"):
+        for _ in range(2):
+            await (await gateway.get(path)).content()
+    assert [seen.uri for seen in upstream.seen] == [b"/products", b"/pcr/NIFTY", b"/pcr/NIFTY"]
