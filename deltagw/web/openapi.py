@@ -345,6 +345,13 @@ def _components() -> dict[str, Any]:
             "X-RateLimit-Remaining": _header("Requests left in the bucket.", _INTEGER),
             "X-RateLimit-Reset": _header("Seconds until the bucket is full again.", _INTEGER),
             "WWW-Authenticate": _header("Bearer challenge (RFC 6750 §3).", _STRING),
+            "Cache-Status": _header(
+                "What the gateway's shared cache did (RFC 9211): `deltagw; hit; ttl=41`, "
+                "`deltagw; fwd=uri-miss; stored`, `deltagw; fwd=stale; ttl=-3; "
+                "detail=upstream-error`, ...", _STRING),
+            "Age": _header(
+                "Seconds since the stored answer was generated upstream (RFC 9111 §5.1); "
+                "sent with answers from the cache.", _INTEGER),
             "Allow": _header("Methods the path supports.", _STRING),
         },
         "responses": {
@@ -423,6 +430,10 @@ def _operation(route: Route, operation_id: str, require_auth: frozenset[str]) ->
     if limited:
         ok["headers"]["RateLimit-Policy"] = _ref("headers", "RateLimit-Policy")
         ok["headers"]["RateLimit"] = _ref("headers", "RateLimit")
+    if route.service is not None and route.method == "GET" and not route.composed:
+        # Forwarded GETs go through the shared cache.
+        ok["headers"]["Cache-Status"] = _ref("headers", "Cache-Status")
+        ok["headers"]["Age"] = _ref("headers", "Age")
     responses: dict[str, Any] = {success.status: ok}
 
     if route.params or route.query or route.name in REQUEST_BODIES:

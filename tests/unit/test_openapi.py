@@ -240,6 +240,24 @@ class DocumentTests(SynchronousTestCase):
                     self.assertNotIn("503", responses, where)
                 self.assertIn("default", responses, where)
 
+    def test_forwarded_gets_document_the_cache_headers(self) -> None:
+        """Cache-Status and Age are documented on exactly the forwarded GETs (the cached routes)."""
+        document = openapi_document(ROUTES, frozenset(), "/")
+        with_cache = sorted(
+            f"{method.upper()} {path}"
+            for path, item in document["paths"].items()
+            for method, operation in item.items()
+            if any("Cache-Status" in answer.get("headers", {})
+                   for status, answer in operation["responses"].items() if status.startswith("2"))
+        )
+        cached = sorted(
+            f"GET {route.public_paths[0]}" for route in ROUTES
+            if route.service is not None and route.method == "GET" and not route.composed
+        )
+        self.assertEqual(with_cache, cached)
+        self.assertEqual(len(cached), 5)
+        self.assertIn("Age", document["components"]["headers"])
+
     def test_retry_headers_on_429_and_503(self) -> None:
         """429 carries Retry-After and the RateLimit fields; 503 carries Retry-After."""
         responses = _document()["components"]["responses"]
