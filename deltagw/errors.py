@@ -147,17 +147,28 @@ class UpstreamUnavailable(GatewayError):
     Attributes:
         service: The service that failed.
         reason: Short machine-readable cause (``timeout``, ``refused``, ...).
+        answered_status: The status of an answer the upstream did give but
+            the gateway did not relay (``reason`` ``declined``: a 5xx that a
+            stored copy answers in place of, RFC 5861 §4); None when no
+            answer came.
     """
 
     status = 503
 
-    def __init__(self, service: Service, reason: str, retry_after: int = RETRY_AFTER_SECONDS):
+    def __init__(
+        self,
+        service: Service,
+        reason: str,
+        retry_after: int = RETRY_AFTER_SECONDS,
+        answered_status: int | None = None,
+    ) -> None:
         super().__init__(
             service.unavailable_message,
             headers=[(b"Retry-After", str(max(1, retry_after)).encode("ascii"))],
         )
         self.service = service
         self.reason = reason
+        self.answered_status = answered_status
         self.outcome = upstream_outcome(reason)
 
 

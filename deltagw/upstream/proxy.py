@@ -94,6 +94,10 @@ class WholeResponse:
 Keep = Callable[[UpstreamResponse], int]
 """Asked at a forwarded response's head: how many body bytes to keep a copy of (0: none)."""
 
+Unwanted = Callable[[UpstreamResponse], bool]
+"""Asked at a forwarded response's head, before anything is written: True when the
+caller has a better answer than this one (a stored copy in place of a 5xx)."""
+
 
 @dataclass(frozen=True)
 class Relayed:
@@ -255,6 +259,7 @@ class Proxy:
         timeout: float,
         note: Note,
         keep: Keep | None = None,
+        unwanted: Unwanted | None = None,
     ) -> Relayed:
         """Send ``request`` to ``url`` and relay the response to the client.
 
@@ -272,6 +277,9 @@ class Proxy:
                 for the headers' outcome and for any body failure.
             keep: Asked at the response head how many body bytes to keep a
                 copy of (0: none); a body that turns out longer is not kept.
+            unwanted: Asked at the response head, before ``keep``: when it
+                says True, nothing is relayed and the upstream connection is
+                closed mid-body rather than read to the end.
 
         Returns:
             How the relay ended (on anything but `RelayEnding.COMPLETE` the
@@ -281,7 +289,8 @@ class Proxy:
         Raises:
             UpstreamUnavailable: nothing has been written yet, and either the
                 call was not made (``shed``, ``circuit_open``) or no response
-                headers arrived (refused, reset, timed out, invalid HTTP).
+                headers arrived (refused, reset, timed out, invalid HTTP), or
+                ``unwanted`` declined the answer (its ``answered_status`` is set).
         """
         started = self._reactor.seconds()
         breaker = self._admit(service, started, note)
@@ -291,6 +300,9 @@ class Proxy:
                 request.method, _body_of(request), note,
                 service, url, headers, timeout, breaker, started,
             )
+            if unwanted is not None and unwanted(response):
+                _drop_body(response)
+                raise UpstreamUnavailable(service, "declined", answered_status=response.code)
             return await self._relay(request, note, service, response, timeout, started, keep)
         finally:
             self.in_flight[service.name] -= 1
@@ -499,6 +511,19 @@ class Proxy:
 
 
 _NO_RETRY = RetryPolicy(retries=0)
+
+
+class _Dropped(Protocol):
+    """Reads no body: closing the connection is cheaper than reading an unwanted answer."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _drop_body(response: UpstreamResponse) -> None:
+    """Let go of an answer nobody will read, and of its connection if it is still arriving."""
+    if response.complete_body() is None:
+        response.deliverBody(_Dropped())
 
 
 def _no_note(service: str, started: float, failure: str | None) -> None:

@@ -21,9 +21,9 @@ The gateway runs authentication and the rate limit first, so a 401 or a
   answer, every waiter gets the same error (or the stale copy);
 - when the upstream gives no answer (refused, timed out, reset, circuit
   open, shed) and a stored response allows stale-if-error (its own
-  directive, or CACHE_STALE_IF_ERROR), the stored response answers. An
-  upstream 5xx is relayed as it arrives, so it is not replaced by a stale
-  copy (nginx's ``proxy_cache_use_stale http_500`` buffers to do that).
+  directive, or CACHE_STALE_IF_ERROR), the stored response answers; so it
+  does in place of an upstream 500, 502, 503 or 504, decided at the 5xx's
+  head before a byte of it is written.
 
 Every answer of a cached route carries ``Cache-Status`` (RFC 9211) and the
 access log line a ``cache`` field.
@@ -43,6 +43,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from deltagw.cache.coalescing import Coalescer
 from deltagw.cache.directives import RequestDirectives, request_directives
 from deltagw.cache.freshness import (
+    ONLY_IF_CACHED_STATUS,
+    STALE_IF_ERROR_STATUSES,
     StoredUse,
     freshness_of,
     may_serve_stale_on_error,
@@ -70,10 +72,6 @@ from deltagw.upstream.proxy import Proxy, WholeResponse
 from deltagw.web.site import GatewayRequest
 
 _log = get_logger(component="cache")
-
-ONLY_IF_CACHED_STATUS = 504
-"""RFC 9111 §5.2.1.7: ``only-if-cached`` and nothing stored that may answer."""
-
 
 UNCACHEABLE_SECONDS = 10.0
 """How long a URL whose last answer could not be stored is forwarded without
@@ -200,8 +198,9 @@ class SharedCache:
         if shared and self._fills.in_progress(key):
             try:
                 await self._fills.wait(key)
-            except UpstreamUnavailable:
-                if self._served_stale(request, route, key, headers, Forward.MISS):
+            except UpstreamUnavailable as unavailable:
+                if self._served_stale(request, route, key, headers, Forward.MISS,
+                                      unavailable.answered_status):
                     return
                 raise
             stored = self._store.lookup(key, headers)
@@ -253,10 +252,12 @@ class SharedCache:
             relayed = await self._proxy.forward(
                 request, route.service, url, headers, timeout, request.note_upstream,
                 keep=self._keep(request, route, key, why, fill),
+                unwanted=self._unwanted(key, headers) if key in self._store else None,
             )
-        except UpstreamUnavailable:
+        except UpstreamUnavailable as unavailable:
             outcome = Failure()
-            if self._served_stale(request, route, key, headers, why):
+            if self._served_stale(request, route, key, headers, why,
+                                  unavailable.answered_status):
                 return
             raise
         except BaseException:
@@ -308,6 +309,23 @@ class SharedCache:
 
         return keep
 
+    def _unwanted(self, key: bytes, headers: list[Header]) -> Callable[[UpstreamResponse], bool]:
+        """Decided at the response head: a 5xx is not relayed when a stored copy may answer.
+
+        RFC 5861 §4 lets stale-if-error stand in for a 500, 502, 503 or 504
+        as for no answer at all (nginx's ``proxy_cache_use_stale http_500
+        http_502 http_503 http_504``). The decision is taken before a byte
+        of the 5xx is written, so the client gets one answer or the other.
+        """
+
+        def unwanted(response: UpstreamResponse) -> bool:
+            if response.code not in STALE_IF_ERROR_STATUSES:
+                return False
+            stored = self._store.lookup(key, headers)
+            return stored is not None and self._may_serve_stale(stored)
+
+        return unwanted
+
     def _storable(self, request: GatewayRequest, route: Route, response: UpstreamResponse) -> bool:
         default_ttl = self._default_ttls.get(route.group)
         if default_ttl is None and not _states_a_lifetime(response.headers):
@@ -339,9 +357,14 @@ class SharedCache:
 
     def _served_stale(
         self, request: GatewayRequest, route: Route, key: bytes, headers: list[Header],
-        why: Forward,
+        why: Forward, forward_status: int | None = None,
     ) -> bool:
-        """No upstream answer: the stored copy answers if stale-if-error allows (RFC 5861 §4).
+        """No usable upstream answer: the stored copy answers if stale-if-error allows
+        (RFC 5861 §4).
+
+        Args:
+            forward_status: The upstream's 5xx when it answered with one
+                (``fwd-status``, RFC 9211 §2.3); None when it gave no answer.
 
         Returns:
             True when the stored copy answered; False when the caller's
@@ -351,7 +374,8 @@ class SharedCache:
         if stored is not None and self._may_serve_stale(stored):
             request.responseHeaders.removeHeader(b"Cache-Status")
             self._answer_stored(request, route, stored, served_on_error(
-                Forward.STALE, stored.freshness.remaining(self._reactor.seconds())))
+                Forward.STALE, stored.freshness.remaining(self._reactor.seconds()),
+                forward_status))
             return True
         status = forwarded(why)
         request.responseHeaders.setRawHeaders(b"Cache-Status", [status.header_value()])

@@ -185,3 +185,68 @@ async def test_cache_ttl_gives_a_lifetime_to_answers_that_state_none(make_gatewa
         for _ in range(2):
             await (await gateway.get(path)).content()
     assert [seen.uri for seen in upstream.seen] == [b"/products", b"/pcr/NIFTY", b"/pcr/NIFTY"]
+
+
+def _failing(code: int, finish: bool = True, lost: list[Any] | None = None) -> Any:
+    """An upstream responder that answers ``code``; unfinished, its body never ends."""
+
+    def respond(request: Any, seen: Any) -> Any:
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/plain")
+        if finish:
+            return b"upstream says no"
+        request.setHeader(b"Content-Length", b"1000")
+        request.write(b"partial")
+        if lost is not None:
+            request.notifyFinish().addErrback(lost.append)
+        return NOT_DONE_YET
+
+    return respond
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_copy_answers_in_place_of_an_upstream_5xx(make_gateway, upstream,
+                                                                 access_log):
+    """stale-if-error covers a 500, 502, 503 or 504 as well as no answer: the stored copy
+    answers with fwd-status, the 5xx's connection is dropped mid-body, and a URL with no
+    stored copy gets the upstream's own 5xx."""
+    upstream.respond = _answering(b"max-age=60, stale-if-error=3600", ((b"Age", b"120"),))
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    first = await gateway.get("/api/data/chain/NIFTY")
+    body = await first.content()
+    for code in (500, 502, 503, 504):
+        upstream.respond = _failing(code)
+        stale = await gateway.get("/api/data/chain/NIFTY")
+        assert (stale.code, await stale.content()) == (200, body)
+        assert _status(stale).startswith(b"deltagw; fwd=stale; fwd-status=%d; ttl=-" % code)
+        assert _status(stale).endswith(b"; detail=upstream-error")
+    lost: list[Any] = []
+    upstream.respond = _failing(503, finish=False, lost=lost)
+    stale = await gateway.get("/api/data/chain/NIFTY")
+    assert (stale.code, await stale.content()) == (200, body)
+    await wait_until(lambda: len(lost) == 1)
+    upstream.respond = _failing(503)
+    other = await gateway.get("/api/data/chain/BANKNIFTY")
+    assert (other.code, await other.content()) == (503, b"upstream says no")
+    assert _status(other) == b"deltagw; fwd=uri-miss"
+    await wait_until(lambda: len(access_log) == 7)
+    assert [e["cache"] for e in access_log] == ["miss"] + ["stale"] * 5 + ["miss"]
+    assert len(upstream.seen) == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_5xx_is_relayed_when_the_stored_copy_may_not_be_served_stale(make_gateway,
+                                                                           upstream):
+    """must-revalidate (RFC 9111 §4.2.4) holds while the upstream fails, and a 501 is not an
+    error stale-if-error covers (RFC 5861 §4): both are relayed as the upstream sent them."""
+    upstream.respond = _answering(b"max-age=60, must-revalidate", ((b"Age", b"120"),))
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url, CACHE_STALE_IF_ERROR="3600")
+    await (await gateway.get("/api/data/chain/NIFTY")).content()
+    upstream.respond = _failing(500)
+    relayed = await gateway.get("/api/data/chain/NIFTY")
+    assert (relayed.code, await relayed.content()) == (500, b"upstream says no")
+    upstream.respond = _answering(b"max-age=60, stale-if-error=3600", ((b"Age", b"120"),))
+    await (await gateway.get("/api/data/chain/BANKNIFTY")).content()
+    upstream.respond = _failing(501)
+    relayed = await gateway.get("/api/data/chain/BANKNIFTY")
+    assert (relayed.code, await relayed.content()) == (501, b"upstream says no")
