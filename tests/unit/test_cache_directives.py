@@ -20,7 +20,6 @@ from deltagw.cache.directives import (
 )
 from deltagw.cache.fields import combined_value, field_lines
 
-
 PROPERTY = settings(database=None, derandomize=True, deadline=None)
 """Hypothesis, repeatable and without a database in the working tree."""
 

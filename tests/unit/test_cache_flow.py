@@ -17,12 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from deltagw.cache.coalescing import Coalescer
 from deltagw.cache.directives import request_directives
 from deltagw.cache.fields import HeaderPairs
-from deltagw.cache.freshness import (
-    StoredUse,
-    freshness_of,
-    may_serve_stale_on_error,
-    use_of_stored,
-)
+from deltagw.cache.freshness import StoredUse, freshness_of, may_serve_stale_on_error, use_of_stored
 from deltagw.cache.keys import primary_key
 from deltagw.cache.status import (
     CacheStatus,
