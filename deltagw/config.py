@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from deltagw.logs import LEVELS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-"""An address range, as TRUSTED_PROXIES and METRICS_ALLOW list them."""
+"""An address range, as TRUSTED_PROXIES, METRICS_ALLOW and ADMIN_ALLOW list them."""
 
 GUARDABLE_GROUPS = frozenset({"data", "analytics"})
 """Route groups that REQUIRE_AUTH may put behind a token."""
@@ -262,6 +262,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("speedups", "SPEEDUPS", "1", _flag),
     Setting("shutdown_grace", "SHUTDOWN_GRACE", "10", _non_negative_seconds),
     Setting("metrics_allow", "METRICS_ALLOW", "", _networks),
+    Setting("admin_allow", "ADMIN_ALLOW", "127.0.0.0/8,::1", _networks),
     Setting("log_level", "LOG_LEVEL", "info", _log_level),
     Setting("server_field", "SERVER_HEADER", "deltagw", _server_field),
     Setting("upstream_tls_verify", "UPSTREAM_TLS_VERIFY", "1", _flag),
@@ -323,6 +324,7 @@ class Settings:
     speedups: bool
     shutdown_grace: float
     metrics_allow: tuple[Network, ...]
+    admin_allow: tuple[Network, ...]
     log_level: str
     server_field: bytes | None
     upstream_tls_verify: bool
@@ -370,4 +372,8 @@ def load_settings(
             values[setting.field] = setting.parse(raw.strip())
         except ValueError as e:
             raise ConfigError(f"{source}={raw!r}: {e}") from None
+    # An answer larger than the whole cache could never be kept: a smaller
+    # CACHE_MAX_BYTES alone makes the cache smaller, with no second setting.
+    values["cache_max_entry_bytes"] = min(values["cache_max_entry_bytes"],
+                                          values["cache_max_bytes"])
     return Settings(**values)

@@ -87,3 +87,11 @@ def test_bad_option_names_the_option():
     """A bad option value is reported under the option's name."""
     with pytest.raises(ConfigError, match=r"^--port="):
         load_settings({}, {"port": "nope:1"})
+
+
+def test_the_largest_stored_answer_never_exceeds_the_cache():
+    """A CACHE_MAX_BYTES below CACHE_MAX_ENTRY_BYTES (its default included) bounds both."""
+    settings = load_settings({"CACHE_MAX_BYTES": "1000000"})
+    assert (settings.cache_max_bytes, settings.cache_max_entry_bytes) == (1_000_000, 1_000_000)
+    settings = load_settings({"CACHE_MAX_BYTES": "2000000", "CACHE_MAX_ENTRY_BYTES": "1000"})
+    assert (settings.cache_max_bytes, settings.cache_max_entry_bytes) == (2_000_000, 1000)
