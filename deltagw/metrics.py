@@ -17,7 +17,6 @@ locked ``labels()`` call.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -35,7 +34,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 from deltagw import __version__
-from deltagw.config import Network
 from deltagw.routes import ROUTES, SERVICES, Route, Service
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -275,30 +273,6 @@ def _reader(counts: Mapping[str, int], name: str) -> Callable[[], float]:
 
 def _state_reader(breaker: Any) -> Callable[[], float]:
     return lambda: float(CIRCUIT_STATES.get(breaker.state, 0))
-
-
-def metrics_allowed(client_address: str, allow: tuple[Network, ...]) -> bool:
-    """Whether ``client_address`` may read the metrics.
-
-    Args:
-        client_address: The client as the gateway believes it
-            (``request.client_address``: the peer, or the X-Forwarded-For
-            entry a trusted proxy vouches for).
-        allow: Networks from METRICS_ALLOW; empty allows everyone.
-
-    Returns:
-        True when ``allow`` is empty or holds the address. An address that
-        is not an IP (a UNIX socket peer, ``-``) is refused when a list is set.
-    """
-    if not allow:
-        return True
-    try:
-        address = ipaddress.ip_address(client_address)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in allow)
 
 
 class _NoCache:

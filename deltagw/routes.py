@@ -173,6 +173,15 @@ ROUTES: tuple[Route, ...] = (
           "Swagger UI for the OpenAPI document.", subtree=True),
     Route("metrics", "meta", "GET", "/metrics", None, None,
           "Prometheus metrics (restricted by METRICS_ALLOW).", versioned=False),
+    Route("admin_cache", "meta", "DELETE", "/admin/cache", None, None,
+          "Forget stored answers: all, or one public path's (restricted by ADMIN_ALLOW).",
+          query=(QueryParam(
+              "path",
+              "A public path to forget, with its query as clients send it "
+              "(`/api/data/chain/NIFTY?expiry=2026-12-31`); a trailing `*` forgets every "
+              "stored URL that starts with it (`/api/data/chain/NIFTY*`). Absent: everything.",
+          ),),
+          versioned=False),
 )
 
 ROUTES_BY_NAME: dict[str, Route] = {route.name: route for route in ROUTES}

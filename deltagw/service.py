@@ -9,6 +9,7 @@ the limiter and the pool those requests use still work; then the rest.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import IO, Any
 
 from treq.client import HTTPClient
@@ -201,12 +202,17 @@ class GatewayService(MultiService):
     Args:
         settings: The validated configuration.
         reactor: The reactor to listen and time on.
+        purge_elsewhere: Called after an HTTP purge of this process's cache,
+            to reach the other processes' (a worker's parent).
     """
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Any, purge_elsewhere: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        self._purge_elsewhere = purge_elsewhere
         self.client = UpstreamClient(
             reactor,
             settings.max_idle_per_host,
@@ -281,7 +287,12 @@ class GatewayService(MultiService):
             self.reactor, self.cache_store, self.cache_fills, self.cache_refreshes, self.proxy,
             settings,
             self.metrics,
+            self._purge_elsewhere,
         )
+
+    def purge_cache(self) -> int:
+        """Forget every stored answer (SIGUSR2); returns how many there were."""
+        return self.cache_store.purge_all()
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """The ``/health/ready`` answer: the drain's, and the rate limiter's.

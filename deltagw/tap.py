@@ -69,9 +69,15 @@ def service_or_exit(
     """
     from twisted.internet import reactor
 
+    from deltagw.process.cache_purge import (
+        PurgeOnSignal,
+        ignore_purges_until_started,
+        purge_every_worker,
+    )
     from deltagw.process.reload import ConfigReloader, hold_sighup, settings_with_file
     from deltagw.service import GatewayService, RootService
 
+    ignore_purges_until_started()
     configure_structlog()
     root = RootService(reactor, log_stream(twistd_options or {}))
     config_file = options.get("config")
@@ -96,8 +102,9 @@ def service_or_exit(
                 settings, reactor, environ, options, pinned=pinned
             ).setServiceParent(root)
             return root
-        gateway = GatewayService(settings, reactor)
+        gateway = GatewayService(settings, reactor, purge_every_worker(environ))
         gateway.setServiceParent(root)
+        PurgeOnSignal(reactor, gateway.purge_cache).setServiceParent(root)
         if demo_state is not None:
             gateway.listening().addCallback(_announce_demo, settings.port.startswith("ssl:"))
     except ConfigError as e:

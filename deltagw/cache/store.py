@@ -247,6 +247,18 @@ class ResponseStore:
             return 0
         return self._forget(entry)
 
+    def purge_prefix(self, prefix: bytes) -> int:
+        """Remove every response held for a URL that starts with ``prefix``.
+
+        A walk over every URL held: an operator's occasional request, not
+        a lookup, so no index by prefix is kept for it.
+
+        Returns:
+            How many responses were removed.
+        """
+        urls = [url for url in self._entries if url.startswith(prefix)]
+        return sum(self.purge(url) for url in urls)
+
     def purge_all(self) -> int:
         """Remove every response held.
 

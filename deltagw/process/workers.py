@@ -63,6 +63,7 @@ from zope.interface import implementer
 
 from deltagw.config import SETTINGS, ConfigError, Settings
 from deltagw.logs import JSONLinesObserver, add_to_every_line, get_logger, observer
+from deltagw.process.cache_purge import PURGE_SIGNAL, SUPERVISOR_PID_ENV
 from deltagw.process.signals import SignalHandler
 from deltagw.process.systemd import SystemdNotifier
 from deltagw.speedups import turn_taking
@@ -413,6 +414,7 @@ class WorkerSupervisor(MultiService):
         # workers all drained exits 0, not 143.
         self._sigterm = SignalHandler(reactor, signal.SIGTERM, self._stop_reactor)
         self._sighup = SignalHandler(reactor, signal.SIGHUP, self.reload_workers)
+        self._purge = SignalHandler(reactor, PURGE_SIGNAL, self.purge_workers)
         self._stop_requested = False
         self._none_running: list[defer.Deferred[None]] = []
         self.notifier = SystemdNotifier(reactor, environ, ready=self._bound)
@@ -476,6 +478,7 @@ class WorkerSupervisor(MultiService):
         if not self.running:
             return
         self._sigterm.install_if_the_reactor_owns_it()
+        self._purge.install()
         if self._config_file:
             self._sighup.install()
         _log.msg("workers_starting", workers=self.settings.workers, port=self._port_description)
@@ -490,6 +493,13 @@ class WorkerSupervisor(MultiService):
         for slot in running:
             self._signal(slot, "HUP")
 
+    def purge_workers(self) -> None:
+        """Have every worker forget its cache (each one's SIGUSR2)."""
+        running = self._running()
+        _log.msg("cache_purge_requested", worker_pids=[slot.pid for slot in running])
+        for slot in running:
+            self._signal(slot, PURGE_SIGNAL)
+
     def _stop_reactor(self) -> None:
         if self._stop_requested:
             return  # a second SIGTERM while the workers drain changes nothing
@@ -502,6 +512,7 @@ class WorkerSupervisor(MultiService):
         env = worker_environment(
             self._environ, self._options, self._pinned, self._port_description, slot.index
         )
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         slot.process = self._reactor.spawnProcess(
             _WorkerProtocol(self, slot),
             self._command[0],
@@ -563,6 +574,7 @@ class WorkerSupervisor(MultiService):
             # reactor's handler, which would make the exit status 143.
             self._sigterm.restore()
             self._sighup.restore()
+            self._purge.restore()
 
     async def _stop_workers(self) -> None:
         await super().stopService()  # the notifier: STOPPING=1
@@ -592,7 +604,8 @@ class WorkerSupervisor(MultiService):
             await exited
         _log.msg("workers_stopped")
 
-    def _signal(self, slot: _Slot, name: str) -> None:
+    def _signal(self, slot: _Slot, name: str | int) -> None:
+        # Twisted names only HUP, STOP, INT, KILL and TERM; others go by number.
         try:
             slot.process.signalProcess(name)
         except error.ProcessExitedAlready:

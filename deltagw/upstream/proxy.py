@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 import json
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer

@@ -35,7 +35,8 @@ from deltagw.errors import (
 )
 from deltagw.http_syntax import is_host
 from deltagw.logs import get_logger
-from deltagw.metrics import Metrics, metrics_allowed
+from deltagw.metrics import Metrics
+from deltagw.policy.client_networks import client_allowed
 from deltagw.policy.rate_limits import RateLimits
 from deltagw.policy.route_access import Authenticator
 from deltagw.policy.token_verifiers import Identity
@@ -129,6 +130,7 @@ class Gateway:
             "docs": self._docs,
             "docs_ui": self._docs_ui,
             "metrics": self._metrics,
+            "admin_cache": self._admin_cache,
         }
 
     def resource(self) -> IResource:
@@ -295,12 +297,44 @@ class Gateway:
         return self.docs_ui
 
     def _metrics(self, request: GatewayRequest, identity: Identity | None) -> bytes:
-        if not metrics_allowed(request.client_address, self.settings.metrics_allow):
+        if not client_allowed(request.client_address, self.settings.metrics_allow):
             raise NotFound()
         body, content_type = self.metrics.render()
         request.setHeader(b"Content-Type", content_type)
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+    def _admin_cache(self, request: GatewayRequest, identity: Identity | None) -> bytes:
+        """Forget stored answers: all of them, or those of the public ``path`` asked for."""
+        if not client_allowed(request.client_address, self.settings.admin_allow):
+            raise NotFound()
+        paths = request.args.get(b"path")
+        if paths is not None and len(paths) != 1:
+            raise BadRequest("Give at most one path to purge")
+        target, prefix = (None, False) if paths is None else self._stored_url(paths[0])
+        purged = 0 if self.cache is None else self.cache.purge(target, prefix)
+        _log.msg("cache_purged", path=None if paths is None else paths[0].decode("latin-1"),
+                 purged=purged)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json_response(request, {"purged": purged})
+
+    def _stored_url(self, path: bytes) -> tuple[bytes, bool]:
+        """The upstream URL a public path is stored under, and whether it ends in ``*``.
+
+        Raises:
+            NotFound: the path names no forwarded GET route, so nothing
+                can be stored under it.
+        """
+        prefix = path.endswith(b"*")
+        public, question, query = path.removesuffix(b"*").partition(b"?")
+        found = ROUTE_INDEX.match(b"GET", public) if path.isascii() else None
+        if found is None or found[0].service is None:
+            raise NotFound("The path names no cached route")
+        route, params = found
+        url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
+        if question and (query or prefix):
+            url += "?" + query.decode("ascii")
+        return url.encode("ascii"), prefix
 
     def preflight(self, request: GatewayRequest, template: str, methods: list[str]) -> bytes:
         """Answer OPTIONS (a CORS preflight) without contacting an upstream."""

@@ -214,6 +214,10 @@ SUCCESS: dict[str, Success] = {
         "Prometheus metrics in the text exposition format.",
         _STRING, media_type="text/plain; version=0.0.4",
     ),
+    "admin_cache": Success(
+        "How many stored answers were forgotten (each variant of a URL counts one).",
+        _object({"purged": _INTEGER}, required=("purged",), loose=False),
+    ),
 }
 """Success answers by route name. Rows not listed get `_default_success`."""
 
@@ -238,6 +242,9 @@ EXTRA_RESPONSES: dict[str, dict[str, str]] = {
     "auth_login": {"401": "Wrong email or password (auth service)."},
     "health_ready": {"503": "Not ready: a dependency is unavailable."},
     "metrics": {"404": "Not found (the client is outside METRICS_ALLOW)."},
+    "admin_cache": {
+        "404": "The path names no cached route, or the client is outside ADMIN_ALLOW.",
+    },
 }
 """Route-specific error answers the policies below cannot infer."""
 
@@ -261,9 +268,10 @@ _DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 QUERY_PARAMS: dict[str, Schema] = {
     "expiry": {"type": "string", "format": "date", "pattern": _DATE_PATTERN},
     "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "path": {"type": "string", "pattern": "^/"},
 }
-"""Query parameter schemas by name, where the reference backends accept
-less than the route table's plain type says (they answer 400 otherwise).
+"""Query parameter schemas by name, where the reference backends (or the
+gateway's own routes) accept less than the route table's plain type says.
 The gateway itself forwards every query string whole."""
 
 _QUERY_TYPES: dict[str, Schema] = {

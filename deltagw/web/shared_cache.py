@@ -154,6 +154,8 @@ class SharedCache:
         proxy: Makes the upstream calls.
         settings: CACHE_TTL, CACHE_STALE_IF_ERROR, CACHE_MAX_ENTRY_BYTES.
         metrics: Counts each request's cache result.
+        purge_elsewhere: Called after each purge, to reach the caches of
+            other processes (with ``--workers``, every worker's).
     """
 
     def __init__(
@@ -165,8 +167,10 @@ class SharedCache:
         proxy: Proxy,
         settings: Settings,
         metrics: Metrics,
+        purge_elsewhere: Callable[[], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._purge_elsewhere = purge_elsewhere
         self._store = store
         self._fills = fills
         self._refreshes = refreshes
@@ -209,6 +213,22 @@ class SharedCache:
                 return
         why = _why_forwarded(key in self._store, stored is not None, asked)
         await self._forward_upstream(request, route, key, url, headers, timeout, why, shared)
+
+    def purge(self, url: bytes | None, prefix: bool = False) -> int:
+        """Forget stored answers: all (``url`` None), one upstream URL's, or
+        every URL that starts with ``url`` (``prefix``).
+
+        Returns:
+            How many stored responses this process removed (variants count
+            one each).
+        """
+        if url is None:
+            purged = self._store.purge_all()
+        else:
+            purged = self._store.purge_prefix(url) if prefix else self._store.purge(url)
+        if self._purge_elsewhere is not None:
+            self._purge_elsewhere()
+        return purged
 
     def _answered_with(
         self,

@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
+from deltagw.config import load_settings
 from tests.support import listen, wait_until
 
 
@@ -250,3 +251,93 @@ async def test_a_5xx_is_relayed_when_the_stored_copy_may_not_be_served_stale(mak
     upstream.respond = _failing(501)
     relayed = await gateway.get("/api/data/chain/BANKNIFTY")
     assert (relayed.code, await relayed.content()) == (501, b"upstream says no")
+
+
+async def _stored(gateway: Any, *paths: str) -> None:
+    """GET each path twice; the second must be a hit, so each is stored."""
+    for path in paths:
+        for _ in range(2):
+            response = await gateway.get(path)
+            await response.content()
+        assert _status(response).startswith(b"deltagw; hit"), path
+
+
+async def _purge(gateway: Any, path: str | None = None) -> tuple[int, Any]:
+    params = {} if path is None else {"path": path}
+    response = await gateway.request("DELETE", "/admin/cache", params=params)
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operator_purges_one_path_a_prefix_or_everything(make_gateway, upstream):
+    """DELETE /admin/cache: ?path= forgets one public path (query included, either API prefix),
+    a trailing * every URL that starts with it, no path everything; the next GET goes upstream."""
+    upstream.respond = _answering(b"max-age=600")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    chains = ["/api/data/chain/NIFTY?expiry=2026-12-31", "/api/data/chain/NIFTY?expiry=2027-01-28",
+              "/api/data/chain/BANKNIFTY"]
+    await _stored(gateway, "/api/data/products", *chains)
+    assert await _purge(gateway, "/api/v1/data/chain/NIFTY?expiry=2026-12-31") == (200, {"purged": 1})
+    assert await _purge(gateway, "/api/v1/data/chain/NIFTY?expiry=2026-12-31") == (200, {"purged": 0})
+    assert await _purge(gateway, "/api/data/chain/NIFTY*") == (200, {"purged": 1})
+    seen = len(upstream.seen)
+    again = await gateway.get(chains[0])
+    await again.content()
+    assert _status(again) == b"deltagw; fwd=uri-miss; stored"
+    assert len(upstream.seen) == seen + 1
+    banknifty = await gateway.get(chains[2])
+    await banknifty.content()
+    assert _status(banknifty).startswith(b"deltagw; hit")
+    assert await _purge(gateway) == (200, {"purged": 3})
+    products = await gateway.get("/api/data/products")
+    await products.content()
+    assert _status(products) == b"deltagw; fwd=uri-miss; stored"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_purge_is_refused_outside_admin_allow_and_for_other_paths(make_gateway, upstream):
+    """Outside ADMIN_ALLOW a purge is a 404 that forgets nothing; a path that names no cached
+    route is a 404 too, two paths a 400; with the cache off a purge forgets nothing."""
+    upstream.respond = _answering(b"max-age=600")
+    outsider = await make_gateway(STORAGE_SERVICE_URL=upstream.url, ADMIN_ALLOW="10.0.0.0/8")
+    await _stored(outsider, "/api/data/products")
+    code, body = await _purge(outsider)
+    assert (code, body["error"]) == (404, "Not found")
+    await _stored(outsider, "/api/data/products")
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    for path in ("/api/user/me", "/api/bff/overview/NIFTY", "/api/data/", "/metrics",
+                 "/api/data/chain/%4EIFTY", "/api/data/chain/NIFTÝ", "/api/data/chain/..%2f"):
+        code, body = await _purge(gateway, path)
+        assert (code, body["error"]) == (404, "The path names no cached route"), path
+    twice = await gateway.request("DELETE", "/admin/cache?path=/api/data/products&path=/x")
+    assert (twice.code, json.loads(await twice.content())["error"]) == (
+        400, "Give at most one path to purge")
+    off = await make_gateway(STORAGE_SERVICE_URL=upstream.url, CACHE="0")
+    assert await _purge(off) == (200, {"purged": 0})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_turns_the_cache_settings(make_gateway, upstream):
+    """SIGHUP's apply_settings: CACHE_TTL then stores what states no lifetime; CACHE=0 forwards
+    everything without Cache-Status and frees the store; a new CACHE_MAX_BYTES starts afresh."""
+    upstream.respond = _answering(None)
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+
+    async def cache_status(**env: str) -> list[bytes] | None:
+        if env:
+            gateway.service.apply_settings(load_settings({"STORAGE_SERVICE_URL": upstream.url,
+                                                          **env}))
+        response = await gateway.get("/api/data/products")
+        await response.content()
+        return response.headers.getRawHeaders(b"cache-status")
+
+    assert await cache_status() == [b"deltagw; fwd=uri-miss"]
+    assert await cache_status(CACHE_TTL="data:600") == [b"deltagw; fwd=uri-miss; stored"]
+    [hit] = await cache_status(CACHE_TTL="data:600")
+    assert hit.startswith(b"deltagw; hit")
+    assert await cache_status(CACHE="0", CACHE_TTL="data:600") is None
+    assert gateway.service.cache_store.entries == 0
+    assert await cache_status(CACHE_TTL="data:600") == [b"deltagw; fwd=uri-miss; stored"]
+    assert await cache_status(CACHE_TTL="data:600", CACHE_MAX_BYTES="1000000") == [
+        b"deltagw; fwd=uri-miss; stored"]
+    assert len(upstream.seen) == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,27 @@ async def test_large_body_streams_with_bounded_memory(upstream):
         assert peak - before < 20 * 1024, f"grew by {(peak - before) / 1024:.1f} MB"
     finally:
         await daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigusr2_empties_the_cache_and_the_daemon_serves_on(upstream):
+    """kill -USR2: the process forgets what it stored (logged with the count), keeps serving,
+    and the next request for a stored URL goes upstream again."""
+    upstream.respond = lambda request, seen: (
+        request.setHeader(b"Cache-Control", b"max-age=600"), b'["NIFTY"]')[1]
+    daemon = Twistd.plugin("--storage-url", upstream.url)
+    try:
+        port = await daemon.port()
+        url = f"http://127.0.0.1:{port}/api/data/products"
+        for _ in range(2):
+            await (await treq.get(url)).content()
+        assert len(upstream.seen) == 1
+        daemon.process.send_signal(signal.SIGUSR2)
+        await wait_until(lambda: '"cache_purged"' in daemon.output())
+        again = await treq.get(url)
+        assert (again.code, await again.content()) == (200, b'["NIFTY"]')
+        assert len(upstream.seen) == 2
+    finally:
+        assert await daemon.stop() == 0, daemon.output()
+    purges = [e for e in parse_json_lines(daemon.lines()) if e.get("event") == "cache_purged"]
+    assert [(e["signal"], e["purged"]) for e in purges] == [("SIGUSR2", 1)]

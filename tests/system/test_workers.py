@@ -32,6 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from deltagw.config import ConfigError, load_settings
+from deltagw.process.cache_purge import PURGE_SIGNAL
 from deltagw.process.workers import (
     LISTEN_FD_ENV,
     InheritedPortEndpoint,
@@ -539,10 +540,12 @@ class _FakeProcess:
     def __init__(self, pid: int, proto: Any) -> None:
         self.pid = pid
         self.proto = proto
-        self.signals: list[str] = []
+        self.signals: list[str | int] = []
+        self.args: list[str] = []
+        self.env: dict[str, str] = {}
         self.alive = True
 
-    def signalProcess(self, name: str) -> None:
+    def signalProcess(self, name: str | int) -> None:
         if not self.alive:
             raise error.ProcessExitedAlready()
         self.signals.append(name)
@@ -571,6 +574,7 @@ class _FakeReactor(task.Clock):
                      childFDs: Any = None, **kwargs: Any) -> _FakeProcess:
         process = _FakeProcess(1000 + len(self.processes), proto)
         process.args = args
+        process.env = env
         assert childFDs[3] == self.ports[-1].fileno()
         self.processes.append(process)
         return process
@@ -644,6 +648,26 @@ def test_workers_read_the_config_file_and_reload_it_on_sighup(tmp_path: Path) ->
     assert signal.getsignal(signal.SIGHUP) is before
 
 
+def test_a_purge_signals_every_running_worker() -> None:
+    """SIGUSR2 to the parent is handed on to each running worker, and given back at stop."""
+    before = signal.getsignal(PURGE_SIGNAL)
+    reactor = _FakeReactor()
+    supervisor = _supervisor(reactor)
+    try:
+        first, second = reactor.processes
+        assert first.env["DELTAGW_SUPERVISOR_PID"] == str(os.getpid())
+        second.end(1)  # not running: nothing to signal
+        supervisor.purge_workers()
+        assert first.signals == [PURGE_SIGNAL] and second.signals == []
+        assert signal.getsignal(PURGE_SIGNAL) is not before
+    finally:
+        supervisor.stopService()
+        for process in reactor.processes:
+            if process.alive:
+                process.end()
+    assert signal.getsignal(PURGE_SIGNAL) is before
+
+
 def test_stop_terminates_workers_and_waits_for_them() -> None:
     """stopService cancels restarts, SIGTERMs the workers and fires once all exited."""
     reactor = _FakeReactor()
@@ -671,3 +695,84 @@ def test_stop_kills_a_worker_that_outlives_the_grace() -> None:
     assert second.signals == ["TERM", "KILL"] and not stopped.called
     second.end(None, signal.SIGKILL)
     assert stopped.called
+
+
+class _CacheableUpstream(BaseHTTPRequestHandler):
+    """Answers every GET with a body any shared cache may keep for ten minutes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b'["NIFTY"]'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "max-age=600")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def cacheable_upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CacheableUpstream)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def cache_results(daemon: Twistd, path: str) -> dict[int, list[str]]:
+    """Each worker's access-log ``cache`` results for ``path``, in order."""
+    results: dict[int, list[str]] = {}
+    for e in daemon.events():
+        if e.get("event") == "outgoing_response" and e.get("path") == path:
+            results.setdefault(e["pid"], []).append(e["cache"])
+    return results
+
+
+def stored_in_every_worker(daemon: Twistd, port: int, pids: set[int], path: str) -> None:
+    """Ask on fresh connections until every worker has answered ``path`` from its cache."""
+    deadline = time.monotonic() + START_DEADLINE
+    while not all("hit" in cache_results(daemon, path).get(pid, []) for pid in pids):
+        assert time.monotonic() < deadline, f"{cache_results(daemon, path)}\n{daemon.output()}"
+        assert answered_by(daemon, port, path)[0] == 200
+
+
+def purges_by_signal(daemon: Twistd) -> dict[int, int]:
+    """How many answers each worker forgot on SIGUSR2, by pid (the last purge of each)."""
+    return {e["pid"]: e["purged"] for e in daemon.events()
+            if e.get("event") == "cache_purged" and e.get("signal") == "SIGUSR2"}
+
+
+@pytest.mark.parametrize("how", ["http", "signal"])
+def test_a_purge_reaches_every_worker(supervised: Callable[..., Twistd], cacheable_upstream: str,
+                                      how: str) -> None:
+    """Each worker has its own cache. DELETE /admin/cache, taken by one worker, or SIGUSR2 to the
+    parent: every worker forgets what it held, and answers the next request from upstream."""
+    daemon = supervised(twistd_argv("--workers", "2"), child_environ(
+        PORT=LOOPBACK_ANY_PORT, STORAGE_SERVICE_URL=cacheable_upstream))
+    port, pids = serving(daemon, 2)
+    path = "/api/data/products"
+    stored_in_every_worker(daemon, port, pids, path)
+    if how == "http":
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("DELETE", "/admin/cache")
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (200, {"purged": 1})
+        conn.close()
+    else:
+        daemon.process.send_signal(signal.SIGUSR2)
+    purged = daemon.wait_for(lambda events: (lambda p: set(p) == pids and p)(
+        purges_by_signal(daemon)))
+    # Over HTTP the worker that took the request had already forgotten its answer.
+    assert sorted(purged.values()) == ([0, 1] if how == "http" else [1, 1])
+    before = {pid: len(results) for pid, results in cache_results(daemon, path).items()}
+    serving_pids(daemon, port, lambda seen: seen == pids, path=path)
+    after = cache_results(daemon, path)
+    assert {pid: after[pid][before[pid]] for pid in pids} == {pid: "miss" for pid in pids}
+    assert daemon.process.poll() is None and listening_pids(daemon.events()) == pids

@@ -140,6 +140,18 @@ class StoreTests(SynchronousTestCase):
                          (1, 1, other_bytes))
         self.assertEqual(self.store.purge(URL), 0)
 
+    def test_purge_prefix_removes_the_urls_that_start_with_it(self) -> None:
+        """Every URL with the prefix goes, with all its variants; the rest stay as they were."""
+        self.store.store(URL, ENGLISH, response(b"hello", VARY_LANGUAGE))
+        self.store.store(URL, FRENCH, response(b"bonjour", VARY_LANGUAGE))
+        self.store.store(URL + b"?expiry=2027-01-28", [], response())
+        self.store.store(OTHER_URL, [], response())
+        other_bytes = ENTRY_OVERHEAD_BYTES + len(OTHER_URL) + accounted_size(response(), ())
+        self.assertEqual(self.store.purge_prefix(URL), 3)
+        self.assertEqual((self.store.entries, self.store.variants, self.store.stored_bytes),
+                         (1, 1, other_bytes))
+        self.assertEqual(self.store.purge_prefix(URL), 0)
+
     def test_purge_all(self) -> None:
         """Purging everything empties the store; evictions are not purges."""
         self.store.store(URL, ENGLISH, response(b"hello", VARY_LANGUAGE))
