@@ -10,7 +10,8 @@ from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
 from deltagw.config import load_settings
-from tests.support import listen, wait_until
+from deltagw.upstream.breaker import OPEN
+from tests.support import RecordingUpstream, listen, wait_until
 
 
 def _answering(cache_control: bytes | None, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
@@ -341,3 +342,28 @@ async def test_a_reload_turns_the_cache_settings(make_gateway, upstream):
     assert await cache_status(CACHE_TTL="data:600", CACHE_MAX_BYTES="1000000") == [
         b"deltagw; fwd=uri-miss; stored"]
     assert len(upstream.seen) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_storage_down_a_recent_chain_still_answers(make_gateway):
+    """Storage stops listening: with CACHE_STALE_IF_ERROR the stored chain answers while its
+    connections are refused and after its circuit has opened; a chain never stored gets 503."""
+    storage = RecordingUpstream()
+    # Stale on arrival, so that every request goes upstream; no idle connection is kept.
+    storage.respond = _answering(b"max-age=1", ((b"Age", b"5"), (b"Connection", b"close")))
+    listening = listen(storage)
+    gateway = await make_gateway(STORAGE_SERVICE_URL=listening.url, CACHE_STALE_IF_ERROR="60",
+                                 BREAKER_FAILURES="2", RETRIES="0")
+    first = await gateway.get("/api/data/chain/NIFTY")
+    body = await first.content()
+    assert _status(first) == b"deltagw; fwd=uri-miss; stored"
+    await listening.port.stopListening()
+    for _ in range(4):
+        stale = await gateway.get("/api/data/chain/NIFTY")
+        assert (stale.code, await stale.content()) == (200, body)
+        assert _status(stale).startswith(b"deltagw; fwd=stale; ttl=-")
+    assert gateway.service.proxy.breakers["storage"].state == OPEN
+    never = await gateway.get("/api/data/chain/BANKNIFTY")
+    assert (never.code, json.loads(await never.content())["error"]) == (
+        503, "Storage service unavailable")
+    assert len(storage.seen) == 1
