@@ -194,14 +194,25 @@ def check_gateway_logs(servers: Servers, results: dict[str, Any], errors: list[s
         errors.append(msg)
 
 
+def profile_gateways(run: Run, servers: Servers) -> None:
+    """``--profile``: py-spy on the gateway at 64 connections, and on the cache-hit twin."""
+    seconds, out_dir = run.args.profile, run.args.output.parent
+    print(f"  profiling the gateway with py-spy for {seconds:g}s at 64 connections…")
+    run.results["profile"] = profile_gateway(servers.gateway.pid,
+                                             servers.urls[SMALL_64C.key]["gateway"],
+                                             run.tools.wrk, seconds, out_dir, SMALL_64C.key)
+    hit = next((v for v in servers.variants if v.name == CACHE_HIT), None)
+    if hit:
+        print(f"  profiling the cache-hit twin with py-spy for {seconds:g}s at 64 connections…")
+        run.results["profile_cache_hit"] = profile_gateway(hit.pid, hit.url, run.tools.wrk,
+                                                           seconds, out_dir, "cache_hit")
+
+
 def measure_after_rounds(run: Run, servers: Servers) -> None:
     """What the options add after the rounds: a profile, idle connections, the limiter alone."""
     args = run.args
     if args.profile:
-        print(f"  profiling the gateway with py-spy for {args.profile:g}s at 64 connections…")
-        run.results["profile"] = profile_gateway(servers.gateway.pid,
-                                                 servers.urls[SMALL_64C.key]["gateway"],
-                                                 run.tools.wrk, args.profile, args.output.parent)
+        profile_gateways(run, servers)
     if not args.no_idle and args.idle_connections:
         run.results["idle"] = measure_idle_connections(args.idle_connections, run.nofile,
                                                        servers, run.errors)

@@ -131,9 +131,9 @@ def idle_line(idle: dict[str, Any]) -> str:
             f"after closing; /health while held: {idle['health_while_held']}")
 
 
-def print_profile(profile: dict[str, Any]) -> None:
-    """py-spy's top frames by own time, and the top source files."""
-    print(f"\npy-spy, gateway at 64 connections, top 15 by own time "
+def print_profile(profile: dict[str, Any], what: str) -> None:
+    """py-spy's top frames by own time, and the top source files, of ``what``."""
+    print(f"\npy-spy, {what} at 64 connections, top 15 by own time "
           f"({profile['samples']} samples, raw: {profile['raw']}):")
     for row in profile["top_own"]:
         print(f"  {row['pct']:>5.1f}%  {row['frame']}")
@@ -156,7 +156,9 @@ def print_report(results: dict[str, Any]) -> None:
     if results.get("idle"):
         print(idle_line(results["idle"]))
     if "profile" in results:
-        print_profile(results["profile"])
+        print_profile(results["profile"], "gateway")
+    if "profile_cache_hit" in results:
+        print_profile(results["profile_cache_hit"], "cache-hit twin")
 
 
 def print_targets(targets: list[dict[str, str]]) -> None:
