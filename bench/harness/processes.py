@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,24 @@ def nginx_requests_served(status_url: str) -> int:
     if status != 200 or len(lines) < 3 or len(lines[2].split()) != 3:
         raise BenchError(f"nginx status page answered {status}: {body[:200]!r}")
     return int(lines[2].split()[2])
+
+
+def nginx_requests_settled(status_url: str, quiet_s: float = 0.05,
+                           deadline_s: float = 5.0) -> int:
+    """nginx's count of requests served, once none has reached it for ``quiet_s``.
+
+    A gateway that was saturated when its wrk stopped still forwards the
+    requests it had read by then; counted from the next run's start, they
+    would look like the next server's.
+    """
+    deadline = time.monotonic() + deadline_s
+    served = nginx_requests_served(status_url)
+    while True:
+        time.sleep(quiet_s)
+        now = nginx_requests_served(status_url)
+        if now == served + 1 or time.monotonic() > deadline:  # + 1: the reading itself
+            return now
+        served = now
 
 
 def gateway_environment(port: int, upstream_port: int,

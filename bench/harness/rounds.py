@@ -10,7 +10,7 @@ import sys
 from typing import Any, NamedTuple
 
 from harness.cpu_memory import children_cpu_seconds, tree_cpu_seconds
-from harness.processes import nginx_requests_served
+from harness.processes import nginx_requests_served, nginx_requests_settled
 from harness.scenarios import SCENARIOS, SMALL_64C
 from harness.variants import BASELINE, LIMITER_OFF, LIMITER_ON, Variant
 from harness.wrk import run_wrk
@@ -68,7 +68,7 @@ def measure(wrk: str, endpoint: Endpoint, connections: int, duration: float,
     count tells a cache hit, which sends it nothing, from a forwarded request.
     """
     pid = endpoint.cpu_pid
-    served0 = nginx_requests_served(nginx_status_url)
+    served0 = nginx_requests_settled(nginx_status_url)
     cpu0 = tree_cpu_seconds(pid) if pid else 0.0
     kids0 = children_cpu_seconds(pid) if pid else {}
     r = run_wrk(wrk, endpoint.url, connections, duration, endpoint.wrk_threads)
