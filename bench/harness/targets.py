@@ -102,23 +102,24 @@ def cache_hit_targets(comparison: dict[str, Any]) -> list[Target]:
     A ratio is only worth its verdict when nginx's counter confirmed that the
     hits never reached it and the misses all did.
     """
-    c = comparison
-    caveat = "" if c["verified"] else "; NOT VERIFIED, see errors"
-    cpu_ratio, rps_ratio = c["median_cpu_ratio"], c["median_rps_ratio"]
-    cpu_rounds = ", ".join(fmt(r["cpu_ratio"], ".2f") for r in c["rounds"])
-    rps_rounds = ", ".join(fmt(r["rps_ratio"], ".2f") for r in c["rounds"])
+    verified = comparison["verified"]
+    caveat = "" if verified else "; NOT VERIFIED, see errors"
+    cpu_ratio, rps_ratio = comparison["median_cpu_ratio"], comparison["median_rps_ratio"]
+    cpu_rounds = ", ".join(fmt(r["cpu_ratio"], ".2f") for r in comparison["rounds"])
+    rps_rounds = ", ".join(fmt(r["rps_ratio"], ".2f") for r in comparison["rounds"])
+    cpu_hit = fmt(comparison["median_hit_cpu_us_per_request"], ".0f")
+    cpu_miss = fmt(comparison["median_miss_cpu_us_per_request"], ".0f")
+    rps_hit = fmt(comparison["median_hit_rps"], ",.0f")
+    rps_miss = fmt(comparison["median_miss_rps"], ",.0f")
     return [
         Target(CACHE_HIT_CPU_TARGET,
-               f"{fmt(cpu_ratio, '.2f')} × ({fmt(c['median_hit_cpu_us_per_request'], '.0f')} vs "
-               f"{fmt(c['median_miss_cpu_us_per_request'], '.0f')} µs; rounds "
+               f"{fmt(cpu_ratio, '.2f')} × ({cpu_hit} vs {cpu_miss} µs; rounds "
                f"{cpu_rounds}{caveat})",
-               None if cpu_ratio is None else
-               c["verified"] and cpu_ratio <= TARGET_CACHE_HIT_CPU_RATIO),
+               None if cpu_ratio is None else verified and cpu_ratio <= TARGET_CACHE_HIT_CPU_RATIO),
         Target(CACHE_HIT_RPS_TARGET,
-               f"{fmt(rps_ratio, '.2f')} × ({fmt(c['median_hit_rps'], ',.0f')} vs "
-               f"{fmt(c['median_miss_rps'], ',.0f')} req/s; rounds {rps_rounds}{caveat})",
-               None if rps_ratio is None else
-               c["verified"] and rps_ratio >= TARGET_CACHE_HIT_RPS_RATIO),
+               f"{fmt(rps_ratio, '.2f')} × ({rps_hit} vs {rps_miss} req/s; rounds "
+               f"{rps_rounds}{caveat})",
+               None if rps_ratio is None else verified and rps_ratio >= TARGET_CACHE_HIT_RPS_RATIO),
     ]
 
 
