@@ -14,12 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.cache_hit import (
-    CACHE_HIT,
-    cache_hit_comparison,
-    check_answers_from_cache,
-    check_forwards,
-)
+from harness.cache_hit import cache_hit_comparison, check_answers_from_cache, check_forwards
 from harness.cpu_memory import OtherProcessesMeter, proc_memory_mb
 from harness.errors import BenchError
 from harness.fixtures import chain_body, check_bodies, underlying_body
@@ -40,7 +35,7 @@ from harness.rounds import Runs, build_plan, run_rounds, warm_up
 from harness.scenarios import SMALL_64C, scenario_urls
 from harness.summary import summarise_runs
 from harness.targets import evaluate_targets
-from harness.variants import Variant, start_variants
+from harness.variants import CACHE_HIT, Variant, start_variants
 
 
 @dataclass

@@ -3,7 +3,7 @@
 nginx states no lifetime for its answers, so the gateway's cache stores none
 of them and the gateway's own ``small_64c`` run forwards every request: that
 is the proxied miss. A twin gateway that differs only by an operator default
-TTL for the ``data`` route group (``CACHE_HIT_ENV``) stores the first answer
+TTL for the ``data`` route group (``variants.CACHE_HIT_ENV``) stores the first answer
 and serves every later one from its cache: the hit. Both return the same
 600-byte body, so their ratio is what the cache saves, not a payload effect.
 
@@ -15,16 +15,12 @@ per answer).
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from harness.errors import BenchError
 from harness.fixtures import underlying_body
 from harness.polling import http_get
-
-CACHE_HIT = "gateway_cache_hit"
-# Answers without Cache-Control (nginx's) may be kept an hour: longer than any run.
-CACHE_HIT_ENV = {"CACHE_TTL": "data:3600"}
+from harness.summary import median
 
 
 def probe_cache_status(url: str) -> str:
@@ -102,12 +98,6 @@ def unverified(rounds: list[dict[str, Any]], processes: int) -> list[str]:
     return problems
 
 
-def median_of(rounds: list[dict[str, Any]], field: str) -> float | None:
-    """The median of one per-round figure (the rounds that have it)."""
-    values = [r[field] for r in rounds if r[field] is not None]
-    return statistics.median(values) if values else None
-
-
 def cache_hit_comparison(miss_runs: list[dict[str, Any]], hit_runs: list[dict[str, Any]],
                          probes: dict[str, str], processes: int) -> dict[str, Any]:
     """Hit ÷ miss, CPU/request and req/s, per round and the median of the rounds' ratios.
@@ -123,6 +113,6 @@ def cache_hit_comparison(miss_runs: list[dict[str, Any]], hit_runs: list[dict[st
     for field in ("cpu_ratio", "rps_ratio", "hit_rps", "miss_rps", "hit_cpu_us_per_request",
                   "miss_cpu_us_per_request", "hit_gateway_cpus", "miss_gateway_cpus",
                   "hit_wrk_cpus", "miss_wrk_cpus"):
-        value = median_of(rounds, field)
+        value = median([r[field] for r in rounds])
         out[f"median_{field}"] = None if value is None else round(value, 3)
     return out
