@@ -57,6 +57,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="also run small_64c through one process and through --workers N, "
                              "wrk with 1 thread for both, and report the throughput ratio "
                              "(default 2; 0 = off)")
+    parser.add_argument("--cache-hit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run small_64c through a twin gateway with CACHE_TTL=data:3600, "
+                             "which answers it from its cache, and compare its CPU/request and "
+                             "req/s with the gateway's proxied miss (default on)")
     parser.add_argument("--limiter-cost", action=argparse.BooleanOptionalAction, default=True,
                         help="also run small_64c through a gateway with RATE_LIMIT_REQUESTS=0 "
                              "(CPU/request difference) and run bench/limiter.py (default on)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cache_hit import cache_hit_comparison, check_answers_from_cache, check_forwards
 from harness.cpu_memory import OtherProcessesMeter, proc_memory_mb
 from harness.errors import BenchError
 from harness.fixtures import chain_body, check_bodies, underlying_body
@@ -21,14 +22,20 @@ from harness.gateway_log import scan_gateway_log
 from harness.idle_connections import hold_idle_connections
 from harness.locations import LOOPBACK, Tools
 from harness.machine import machine_info
-from harness.processes import Launcher, Processes, run_limiter_script, start_nginx
+from harness.processes import (
+    NGINX_STATUS_PATH,
+    Launcher,
+    Processes,
+    run_limiter_script,
+    start_nginx,
+)
 from harness.profiling import profile_gateway
 from harness.report import print_header, print_report, print_targets
 from harness.rounds import Runs, build_plan, run_rounds, warm_up
 from harness.scenarios import SMALL_64C, scenario_urls
 from harness.summary import summarise_runs
 from harness.targets import evaluate_targets
-from harness.variants import Variant, start_variants
+from harness.variants import CACHE_HIT, Variant, start_variants
 
 
 @dataclass
@@ -56,6 +63,12 @@ class Servers:
     urls: dict[str, dict[str, str]]
     variants: list[Variant]
     variant_logs: list[Path]
+    cache_probes: dict[str, str]   # Cache-Status of the miss and the hit before the load
+
+    @property
+    def nginx_status_url(self) -> str:
+        """nginx's request counter."""
+        return f"http://{LOOPBACK}:{self.nginx_port}{NGINX_STATUS_PATH}"
 
 
 def run_settings(args: argparse.Namespace, nofile: int) -> dict[str, Any]:
@@ -64,6 +77,7 @@ def run_settings(args: argparse.Namespace, nofile: int) -> dict[str, Any]:
             "warmup_s": args.warmup, "workers": args.workers,
             "compare_workers": args.compare_workers,
             "limiter_cost": args.limiter_cost, "baseline": args.baseline,
+            "cache_hit": args.cache_hit,
             "idle_connections": None if args.no_idle else args.idle_connections,
             "nofile_limit": nofile}
 
@@ -83,8 +97,26 @@ def start_servers(run: Run) -> Servers:
     urls = scenario_urls(nginx_port, gateway_port)
     variants, variant_logs = start_variants(run.args, launcher, urls[SMALL_64C.key]["gateway"],
                                             gateway.pid)
+    cache_probes = probe_hit_and_miss(variants, urls[SMALL_64C.key]["gateway"],
+                                      run.args.workers or 1)
     return Servers(nginx_port, nginx, gateway_port, gateway, gateway_log, urls, variants,
-                   variant_logs)
+                   variant_logs, cache_probes)
+
+
+def probe_hit_and_miss(variants: list[Variant], gateway_url: str,
+                       processes: int) -> dict[str, str]:
+    """Before the load: the gateway forwards the hot key, the cache-hit twin answers it.
+
+    Their ``Cache-Status``; none when the cache-hit twin does not run.
+    """
+    hit = next((v for v in variants if v.name == CACHE_HIT), None)
+    if hit is None:
+        return {}
+    probes = {"miss": check_forwards(gateway_url),
+              "hit": check_answers_from_cache(hit.url, processes)}
+    print(f"  hot key: the gateway answers Cache-Status: {probes['miss']}; "
+          f"the cache-hit twin: {probes['hit']}")
+    return probes
 
 
 def run_load(run: Run, servers: Servers) -> tuple[Runs, dict[str, float]]:
@@ -97,7 +129,8 @@ def run_load(run: Run, servers: Servers) -> tuple[Runs, dict[str, float]]:
     measured = [gateway_pid, servers.nginx.pid,
                 *sorted({v.pid for v in servers.variants} - {gateway_pid})]
     meter = OtherProcessesMeter(measured)
-    runs = run_rounds(plan, wrk, args.rounds, args.duration, args.limiter_cost, run.errors)
+    runs = run_rounds(plan, wrk, args.rounds, args.duration, args.limiter_cost,
+                      servers.nginx_status_url, run.errors)
     memory_after = proc_memory_mb(gateway_pid)
     others = meter.cpus_busy()
     run.results["other_processes_cpus_busy"] = round(max(0.0, others), 2)
@@ -156,20 +189,42 @@ def check_gateway_logs(servers: Servers, results: dict[str, Any], errors: list[s
         errors.append(msg)
 
 
+def profile_gateways(run: Run, servers: Servers) -> None:
+    """``--profile``: py-spy on the gateway at 64 connections, and on the cache-hit twin."""
+    seconds, out_dir = run.args.profile, run.args.output.parent
+    print(f"  profiling the gateway with py-spy for {seconds:g}s at 64 connections…")
+    run.results["profile"] = profile_gateway(servers.gateway.pid,
+                                             servers.urls[SMALL_64C.key]["gateway"],
+                                             run.tools.wrk, seconds, out_dir, SMALL_64C.key)
+    hit = next((v for v in servers.variants if v.name == CACHE_HIT), None)
+    if hit:
+        print(f"  profiling the cache-hit twin with py-spy for {seconds:g}s at 64 connections…")
+        run.results["profile_cache_hit"] = profile_gateway(hit.pid, hit.url, run.tools.wrk,
+                                                           seconds, out_dir, "cache_hit")
+
+
 def measure_after_rounds(run: Run, servers: Servers) -> None:
     """What the options add after the rounds: a profile, idle connections, the limiter alone."""
     args = run.args
     if args.profile:
-        print(f"  profiling the gateway with py-spy for {args.profile:g}s at 64 connections…")
-        run.results["profile"] = profile_gateway(servers.gateway.pid,
-                                                 servers.urls[SMALL_64C.key]["gateway"],
-                                                 run.tools.wrk, args.profile, args.output.parent)
+        profile_gateways(run, servers)
     if not args.no_idle and args.idle_connections:
         run.results["idle"] = measure_idle_connections(args.idle_connections, run.nofile,
                                                        servers, run.errors)
     if args.limiter_cost:
         print("  measuring the limiter on its own (bench/limiter.py)…")
         run.results["limiter"] = run_limiter_script(run.tools.twistd, run.tmp, run.procs)
+
+
+def compare_cache_hit(run: Run, runs: Runs, servers: Servers) -> None:
+    """Hit ÷ miss in each round; a run that nginx's counter contradicts is an error."""
+    small = runs[SMALL_64C.key]
+    comparison = cache_hit_comparison(small["gateway"], small[CACHE_HIT], servers.cache_probes,
+                                      run.args.workers or 1)
+    run.results["cache_hit"] = comparison
+    for problem in comparison["problems"]:
+        print(f"  ERROR cache hit vs miss: {problem}", file=sys.stderr)
+        run.errors.append(f"cache hit vs miss: {problem}")
 
 
 def run_benchmark(run: Run) -> None:
@@ -182,6 +237,8 @@ def run_benchmark(run: Run) -> None:
     runs, memory_after = run_load(run, servers)
     results.update(summarise_runs(runs, servers.variants, args.limiter_cost,
                                   args.compare_workers, memory_after))
+    if servers.cache_probes:
+        compare_cache_hit(run, runs, servers)
     measure_after_rounds(run, servers)
     check_children(run.procs, servers.gateway, run.errors)
     check_gateway_logs(servers, results, run.errors)

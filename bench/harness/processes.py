@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from harness.locations import BENCH_DIR, LOOPBACK, venv_python
 from harness.polling import http_get, wait_until
 
 NOFILE_WANTED = 65536
+# nginx's counters (stub_status): how many requests reached the upstream.
+NGINX_STATUS_PATH = "/nginx_status"
 
 
 def free_port() -> int:
@@ -115,7 +118,11 @@ def wait_ready(url: str, deadline_s: float, what: str, proc: subprocess.Popen,
 
 
 def nginx_config(tmp: Path, www: Path, port: int) -> str:
-    """One worker, no access log, keep-alive without limit: nginx as a fast, quiet upstream."""
+    """One worker, no access log, keep-alive without limit: nginx as a fast, quiet upstream.
+
+    Its request counter (``NGINX_STATUS_PATH``) replaces an access log: it
+    tells which runs reached nginx without costing nginx anything per request.
+    """
     return f"""\
 worker_processes 1;
 error_log {tmp}/nginx-error.log warn;
@@ -141,6 +148,7 @@ http {{
         listen {LOOPBACK}:{port};
         root {www};
         location / {{ }}
+        location = {NGINX_STATUS_PATH} {{ stub_status; }}
     }}
 }}
 """
@@ -165,12 +173,39 @@ def start_nginx(tmp: Path, procs: Processes, nginx: str) -> tuple[int, subproces
     return port, proc
 
 
+def nginx_requests_served(status_url: str) -> int:
+    """nginx's count of the requests it has served, this one included (stub_status)."""
+    status, body, _ = http_get(status_url)
+    lines = body.decode("ascii", "replace").splitlines()
+    if status != 200 or len(lines) < 3 or len(lines[2].split()) != 3:
+        raise BenchError(f"nginx status page answered {status}: {body[:200]!r}")
+    return int(lines[2].split()[2])
+
+
+def nginx_requests_settled(status_url: str, quiet_s: float = 0.05,
+                           deadline_s: float = 5.0) -> int:
+    """nginx's count of requests served, once none has reached it for ``quiet_s``.
+
+    A gateway that was saturated when its wrk stopped still forwards the
+    requests it had read by then; counted from the next run's start, they
+    would look like the next server's.
+    """
+    deadline = time.monotonic() + deadline_s
+    served = nginx_requests_served(status_url)
+    while True:
+        time.sleep(quiet_s)
+        now = nginx_requests_served(status_url)
+        if now == served + 1 or time.monotonic() > deadline:  # + 1: the reading itself
+            return now
+        served = now
+
+
 def gateway_environment(port: int, upstream_port: int,
                         extra_env: dict[str, str] | None) -> dict[str, str]:
     """Our environment with the gateway's own settings defaulted, except what the run sets."""
     env = dict(os.environ)
     for key in list(env):  # default everything else
-        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_")) \
+        if key.endswith("_SERVICE_URL") or key.startswith(("RATE_LIMIT_", "UPSTREAM_", "CACHE")) \
                 or key in ("SPEEDUPS", "BUSY_POLL_US"):
             del env[key]
     env.update({

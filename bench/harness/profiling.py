@@ -14,13 +14,17 @@ from harness.errors import BenchError
 from harness.wrk import run_wrk
 
 
-def record_profile(pid: int, url: str, wrk: str, seconds: float, out_dir: Path) -> Path:
-    """Sample ``pid`` with py-spy while wrk loads ``url`` at 64 connections; the raw stacks."""
+def record_profile(pid: int, url: str, wrk: str, seconds: float, out_dir: Path,
+                   name: str) -> Path:
+    """Sample ``pid`` with py-spy while wrk loads ``url`` at 64 connections; the raw stacks.
+
+    They go to ``out_dir/profile-<name>.txt``.
+    """
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise BenchError("--profile needs py-spy (.venv/bin/pip install py-spy)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "profile-small_64c.txt"
+    raw = out_dir / f"profile-{name}.txt"
     spy = subprocess.Popen([py_spy, "record", "-r", "250", "-d", f"{seconds:g}", "-p", str(pid),
                             "-f", "raw", "-o", str(raw), "--nonblocking"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +69,7 @@ def summarise_profile(raw: Path) -> dict[str, Any]:
             "top_inclusive": top_frames(inclusive, total, 40)}
 
 
-def profile_gateway(pid: int, url: str, wrk: str, seconds: float,
-                    out_dir: Path) -> dict[str, Any]:
-    """Sample the gateway with py-spy under 64-connection load; top own time."""
-    return summarise_profile(record_profile(pid, url, wrk, seconds, out_dir))
+def profile_gateway(pid: int, url: str, wrk: str, seconds: float, out_dir: Path,
+                    name: str) -> dict[str, Any]:
+    """Sample a gateway with py-spy under 64-connection load; top own time."""
+    return summarise_profile(record_profile(pid, url, wrk, seconds, out_dir, name))

@@ -69,6 +69,38 @@ def print_variant_table(gateway: dict[str, Any], variants: dict[str, Any],
               f"{os.cpu_count()} CPUs, so the ratio is a lower bound)")
 
 
+def hit_miss(figures: dict[str, Any], field: str, spec: str, prefix: str = "") -> str:
+    """``hit / miss`` of one figure of the cache-hit comparison."""
+    return (f"{fmt(figures[f'{prefix}hit_{field}'], spec)} / "
+            f"{fmt(figures[f'{prefix}miss_{field}'], spec)}")
+
+
+def cache_hit_row(label: str, figures: dict[str, Any], prefix: str = "") -> str:
+    """One line of the cache-hit table: a round's figures, or (``prefix="median_"``) the medians."""
+    reached_nginx = "" if prefix else hit_miss(figures, "upstream_requests", ",")
+    return (f"  {label:<9}{fmt(figures[f'{prefix}rps_ratio'], '.2f') + ' ×':>8}"
+            f"{hit_miss(figures, 'rps', ',.0f', prefix):>17}"
+            f"{fmt(figures[f'{prefix}cpu_ratio'], '.2f') + ' ×':>9}"
+            f"{hit_miss(figures, 'cpu_us_per_request', '.0f', prefix) + ' µs':>14}"
+            f"{hit_miss(figures, 'gateway_cpus', '.2f', prefix):>14}"
+            f"{hit_miss(figures, 'wrk_cpus', '.2f', prefix):>13}{reached_nginx:>18}").rstrip()
+
+
+def print_cache_hit(comparison: dict[str, Any]) -> None:
+    """Hit ÷ miss per round and the medians of the rounds' ratios, with what they rest on."""
+    probes = comparison["probes"]
+    print(f"\ncache hit (twin) ÷ proxied miss (the gateway), {SMALL_64C.description}, "
+          f"one hot key; pairs are hit / miss")
+    print(f"  Cache-Status before the load: miss {probes['miss']!r}, hit {probes['hit']!r}")
+    print(f"  {'':<9}{'req/s ÷':>8}{'req/s':>17}{'CPU ÷':>9}{'CPU/req':>14}"
+          f"{'gateway CPUs':>14}{'wrk CPUs':>13}{'reached nginx':>18}")
+    for number, figures in enumerate(comparison["rounds"], 1):
+        print(cache_hit_row(f"round {number}", figures))
+    print(cache_hit_row("median", comparison, "median_"))
+    if not comparison["verified"]:
+        print("  NOT VERIFIED: " + "; ".join(comparison["problems"]))
+
+
 def limiter_line(limiter: dict[str, Any]) -> str:
     """bench/limiter.py's figures in one line."""
     redis = limiter["redis"]
@@ -99,9 +131,9 @@ def idle_line(idle: dict[str, Any]) -> str:
             f"after closing; /health while held: {idle['health_while_held']}")
 
 
-def print_profile(profile: dict[str, Any]) -> None:
-    """py-spy's top frames by own time, and the top source files."""
-    print(f"\npy-spy, gateway at 64 connections, top 15 by own time "
+def print_profile(profile: dict[str, Any], what: str) -> None:
+    """py-spy's top frames by own time, and the top source files, of ``what``."""
+    print(f"\npy-spy, {what} at 64 connections, top 15 by own time "
           f"({profile['samples']} samples, raw: {profile['raw']}):")
     for row in profile["top_own"]:
         print(f"  {row['pct']:>5.1f}%  {row['frame']}")
@@ -116,13 +148,17 @@ def print_report(results: dict[str, Any]) -> None:
     if results["small_64c_variants"]:
         print_variant_table(results["summary"][SMALL_64C.key], results["small_64c_variants"],
                             results.get("workers_comparison"))
+    if "cache_hit" in results:
+        print_cache_hit(results["cache_hit"])
     if "limiter" in results:
         print(limiter_line(results["limiter"]))
     print_machine_lines(results)
     if results.get("idle"):
         print(idle_line(results["idle"]))
     if "profile" in results:
-        print_profile(results["profile"])
+        print_profile(results["profile"], "gateway")
+    if "profile_cache_hit" in results:
+        print_profile(results["profile_cache_hit"], "cache-hit twin")
 
 
 def print_targets(targets: list[dict[str, str]]) -> None:

@@ -10,6 +10,7 @@ import sys
 from typing import Any, NamedTuple
 
 from harness.cpu_memory import children_cpu_seconds, tree_cpu_seconds
+from harness.processes import nginx_requests_served, nginx_requests_settled
 from harness.scenarios import SCENARIOS, SMALL_64C
 from harness.variants import BASELINE, LIMITER_OFF, LIMITER_ON, Variant
 from harness.wrk import run_wrk
@@ -59,14 +60,22 @@ def round_order(endpoints: list[Endpoint], round_number: int,
     return order
 
 
-def measure(wrk: str, endpoint: Endpoint, connections: int, duration: float) -> dict[str, Any]:
-    """One wrk run, and the CPU the measured process and its children (workers) used in it."""
+def measure(wrk: str, endpoint: Endpoint, connections: int, duration: float,
+            nginx_status_url: str) -> dict[str, Any]:
+    """One wrk run, with the CPU its server used and the requests that reached nginx meanwhile.
+
+    The CPU is the measured process's and its children's (workers'); nginx's
+    count tells a cache hit, which sends it nothing, from a forwarded request.
+    """
     pid = endpoint.cpu_pid
+    served0 = nginx_requests_settled(nginx_status_url)
     cpu0 = tree_cpu_seconds(pid) if pid else 0.0
     kids0 = children_cpu_seconds(pid) if pid else {}
     r = run_wrk(wrk, endpoint.url, connections, duration, endpoint.wrk_threads)
     cpu1 = tree_cpu_seconds(pid) if pid else 0.0
     kids1 = children_cpu_seconds(pid) if pid else {}
+    # Less one: the second reading counts itself.
+    r["upstream_requests"] = nginx_requests_served(nginx_status_url) - served0 - 1
     if len(kids1) > 1:
         # How evenly the kernel spread the connections over the workers.
         r["worker_cpu_s"] = [round(kids1[k] - kids0.get(k, 0.0), 3) for k in sorted(kids1)]
@@ -100,7 +109,7 @@ def run_line(round_number: int, key: str, endpoint: Endpoint, r: dict[str, Any],
 
 
 def run_rounds(plan: dict[str, list[Endpoint]], wrk: str, rounds: int, duration: float,
-               swap_limiter_twins: bool, errors: list[str]) -> Runs:
+               swap_limiter_twins: bool, nginx_status_url: str, errors: list[str]) -> Runs:
     """Every scenario's endpoints, ``rounds`` times; wrk's errors go to ``errors``."""
     runs: Runs = {key: {endpoint.name: [] for endpoint in endpoints}
                   for key, endpoints in plan.items()}
@@ -108,7 +117,7 @@ def run_rounds(plan: dict[str, list[Endpoint]], wrk: str, rounds: int, duration:
         for scenario in SCENARIOS:
             swap = swap_limiter_twins and scenario.key == SMALL_64C.key
             for endpoint in round_order(plan[scenario.key], round_number, swap):
-                r = measure(wrk, endpoint, scenario.connections, duration)
+                r = measure(wrk, endpoint, scenario.connections, duration, nginx_status_url)
                 raw = r.pop("raw")
                 failed = record_wrk_errors(f"round {round_number} {scenario.key} {endpoint.name}",
                                            r, raw, errors)

@@ -22,6 +22,10 @@ TARGET_WORKERS_RATIO = 1.6      # 2 workers vs 1 process at 64 connections
 TARGET_LIMITER_LOCAL_US = 5.0   # in-process limiter CPU per consume (bench/limiter.py)
 TARGET_LIMITER_REDIS_MS = 1.0
 TARGET_CPU_VS_BASELINE = 0.85   # gateway CPU/request ÷ the bare Twisted proxy's (64 connections)
+TARGET_CACHE_HIT_CPU_RATIO = 0.4   # CPU/request of a cache hit ÷ a proxied miss's (64 connections)
+TARGET_CACHE_HIT_RPS_RATIO = 2.5   # req/s of cache hits ÷ proxied misses' (64 connections)
+CACHE_HIT_CPU_TARGET = f"cache hit CPU/req ≤ {TARGET_CACHE_HIT_CPU_RATIO} × proxied miss's"
+CACHE_HIT_RPS_TARGET = f"cache hit req/s ≥ {TARGET_CACHE_HIT_RPS_RATIO} × proxied miss's"
 
 
 class Target(NamedTuple):
@@ -92,6 +96,33 @@ def workers_target(workers: dict[str, Any]) -> Target:
                   workers["ratio"] is not None and workers["ratio"] >= TARGET_WORKERS_RATIO)
 
 
+def cache_hit_targets(comparison: dict[str, Any]) -> list[Target]:
+    """Hit ÷ miss at 64 connections, the medians of the rounds' ratios; FAIL unless verified.
+
+    A ratio is only worth its verdict when nginx's counter confirmed that the
+    hits never reached it and the misses all did.
+    """
+    verified = comparison["verified"]
+    caveat = "" if verified else "; NOT VERIFIED, see errors"
+    cpu_ratio, rps_ratio = comparison["median_cpu_ratio"], comparison["median_rps_ratio"]
+    cpu_rounds = ", ".join(fmt(r["cpu_ratio"], ".2f") for r in comparison["rounds"])
+    rps_rounds = ", ".join(fmt(r["rps_ratio"], ".2f") for r in comparison["rounds"])
+    cpu_hit = fmt(comparison["median_hit_cpu_us_per_request"], ".0f")
+    cpu_miss = fmt(comparison["median_miss_cpu_us_per_request"], ".0f")
+    rps_hit = fmt(comparison["median_hit_rps"], ",.0f")
+    rps_miss = fmt(comparison["median_miss_rps"], ",.0f")
+    return [
+        Target(CACHE_HIT_CPU_TARGET,
+               f"{fmt(cpu_ratio, '.2f')} × ({cpu_hit} vs {cpu_miss} µs; rounds "
+               f"{cpu_rounds}{caveat})",
+               None if cpu_ratio is None else verified and cpu_ratio <= TARGET_CACHE_HIT_CPU_RATIO),
+        Target(CACHE_HIT_RPS_TARGET,
+               f"{fmt(rps_ratio, '.2f')} × ({rps_hit} vs {rps_miss} req/s; rounds "
+               f"{rps_rounds}{caveat})",
+               None if rps_ratio is None else verified and rps_ratio >= TARGET_CACHE_HIT_RPS_RATIO),
+    ]
+
+
 def baseline_targets(results: dict[str, Any]) -> list[Target]:
     """The gateway's CPU/request next to the bare proxy's; the twins' and the proxy's latency."""
     variants = results["small_64c_variants"]
@@ -128,6 +159,11 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, str]]:
         targets.append(workers_target(results["workers_comparison"]))
     else:
         targets.append(Target("2 workers ≥ 1.6 × one process (64 conns)", "not run", None))
+    if "cache_hit" in results:
+        targets += cache_hit_targets(results["cache_hit"])
+    else:
+        targets += [Target(CACHE_HIT_CPU_TARGET, "not run", None),
+                    Target(CACHE_HIT_RPS_TARGET, "not run", None)]
     if BASELINE in results["small_64c_variants"]:
         targets += baseline_targets(results)
     return [{"target": t.target, "value": t.value, "result": verdict(t.ok)} for t in targets]

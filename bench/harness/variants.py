@@ -1,7 +1,8 @@
 """Other servers loaded with ``small_64c`` in the same rounds, right after the gateway's run.
 
-Each answers one question next to the gateway's own figures: what the
-limiter costs (two twins, on and off), what the speedups buy (a stock twin),
+Each answers one question next to the gateway's own figures: what a cache
+hit costs next to the gateway's proxied miss (a twin that answers from its
+cache), what the limiter costs (two twins, on and off), what the speedups buy (a stock twin),
 how a change compares (a previous twistd), the floor under the gateway's CPU
 (the bare Twisted proxy), and what ``--workers`` gives (1 process vs N).
 """
@@ -25,6 +26,11 @@ LIMITER_ON = "gateway_limiter_on"
 LIMITER_OFF = "gateway_limiter_off"
 BASELINE = "baseline_proxy"
 ONE_PROCESS = "gateway_1proc_t1"
+CACHE_HIT = "gateway_cache_hit"
+
+# The cache-hit twin's one difference: answers without Cache-Control (nginx's)
+# may be kept an hour, longer than any run.
+CACHE_HIT_ENV = {"CACHE_TTL": "data:3600"}
 
 # (name, label, environment) of the limiter twins.
 LIMITER_TWINS = (("limiter_on", "limiter on (large budget)", {}),
@@ -50,6 +56,19 @@ def workers_variant_name(workers: int) -> str:
 def small_url(port: int) -> str:
     """The small body's URL on a gateway listening on ``port``."""
     return f"http://{LOOPBACK}:{port}{SMALL_64C.gateway_path}"
+
+
+def start_cache_hit_twin(launcher: Launcher, workers: int | None) -> tuple[Variant, Path]:
+    """A fresh twin whose cache keeps nginx's answer (``CACHE_HIT_ENV``), and its log.
+
+    Fresh so that it serves nothing but the hot key; every answer after its
+    first is a cache hit.
+    """
+    port, proc, log = launcher.start_gateway(workers, name="gateway-cache-hit",
+                                             extra_env=CACHE_HIT_ENV)
+    ttl = CACHE_HIT_ENV["CACHE_TTL"]
+    return Variant(CACHE_HIT, f"gateway twin, CACHE_TTL={ttl}: cache hits", small_url(port),
+                   None, proc.pid), log
 
 
 def start_limiter_twins(launcher: Launcher, workers: int | None) -> list[tuple[Variant, Path]]:
@@ -117,7 +136,8 @@ def check_variant_bodies(variants: list[Variant]) -> None:
 def start_variants(args: argparse.Namespace, launcher: Launcher, gateway_url: str,
                    gateway_pid: int) -> tuple[list[Variant], list[Path]]:
     """Start the variants the options ask for; the variants and the gateway logs to scan."""
-    started = []
+    # The cache-hit twin first: its runs follow the gateway's, the miss they are compared with.
+    started = [start_cache_hit_twin(launcher, args.workers)] if args.cache_hit else []
     if args.limiter_cost:
         started += start_limiter_twins(launcher, args.workers)
     started += start_code_twins(launcher, args.workers, args.stock, args.previous_twistd)
