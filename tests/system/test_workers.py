@@ -9,6 +9,7 @@ logic is also tested against a fake reactor and clock.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import json
@@ -192,19 +193,30 @@ class _HeldUpstream(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def held_upstream() -> Iterator[type[_HeldUpstream]]:
-    handler = type("Held", (_HeldUpstream,), {"arrived": threading.Event(),
-                                              "release": threading.Event()})
+@contextlib.contextmanager
+def serving_upstream(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` on a free loopback port, in threads of its own; yields its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    yield handler
-    handler.release.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def held_upstream() -> Iterator[type[_HeldUpstream]]:
+    handler = type("Held", (_HeldUpstream,), {"arrived": threading.Event(),
+                                              "release": threading.Event()})
+    with serving_upstream(handler) as url:
+        handler.url = url  # type: ignore[attr-defined]
+        try:
+            yield handler
+        finally:
+            handler.release.set()
 
 
 def test_sigterm_drains_every_worker_and_the_parent_exits_0(
@@ -717,13 +729,8 @@ class _CacheableUpstream(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def cacheable_upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _CacheableUpstream)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving_upstream(_CacheableUpstream) as url:
+        yield url
 
 
 def cache_results(daemon: Twistd, path: str) -> dict[int, list[str]]:
@@ -754,8 +761,9 @@ def test_a_purge_reaches_every_worker(supervised: Callable[..., Twistd], cacheab
                                       how: str) -> None:
     """Each worker has its own cache. DELETE /admin/cache, taken by one worker, or SIGUSR2 to the
     parent: every worker forgets what it held, and answers the next request from upstream."""
+    # No rate limit: connections reach the workers unevenly, and each has its own budget.
     daemon = supervised(twistd_argv("--workers", "2"), child_environ(
-        PORT=LOOPBACK_ANY_PORT, STORAGE_SERVICE_URL=cacheable_upstream))
+        PORT=LOOPBACK_ANY_PORT, STORAGE_SERVICE_URL=cacheable_upstream, RATE_LIMIT_REQUESTS="0"))
     port, pids = serving(daemon, 2)
     path = "/api/data/products"
     stored_in_every_worker(daemon, port, pids, path)
