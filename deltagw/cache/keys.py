@@ -1,8 +1,17 @@
 """The cache key: which stored response a request may be answered with (RFC 9111 §2, §4.1).
 
-The primary key is the upstream URL, whole query included; the method is
-not part of it, so GET and HEAD find the same stored GET (RFC 9111 §4;
+The primary key is the upstream URL, whole query included, and the origin
+the client asked for (scheme and host, as the gateway forwards them in
+X-Forwarded-Proto and X-Forwarded-Host). The method is not part of it, so
+GET and HEAD find the same stored GET (RFC 9111 §4;
 `deltagw.cache.storability` says why only GET is stored).
+
+The origin is there because the upstream sees it and may build its answer
+from it (absolute links, redirects): without it, one request with a forged
+Host could have the gateway store an answer every other client then gets
+(web cache poisoning). nginx keys on the scheme (``$scheme`` in its default
+``proxy_cache_key``), Varnish on the Host; this key does both. It costs a
+second copy only for clients that name the gateway differently.
 
 The secondary key is what the stored response's Vary names, read from the
 request: RFC 9111 §4.1 lets a stored response answer only a request whose
@@ -25,21 +34,44 @@ SecondaryKey = tuple[bytes | None, ...]
 """One normalised value per Vary-named field, in the Vary's order; None for an absent field."""
 
 
-def primary_key(upstream_url: bytes) -> bytes:
-    """The primary cache key of a request (RFC 9111 §2): its target URI.
+def primary_key(upstream_url: bytes, asked_origin: bytes) -> bytes:
+    """The primary cache key of a request (RFC 9111 §2): its target URI, and the origin asked.
 
     Args:
         upstream_url: The URL the gateway forwards to, with its whole query:
             ``?a=1&b=2`` and ``?b=2&a=1`` are different keys, since the
             upstream may read them differently.
+        asked_origin: ``scheme://host`` as forwarded upstream (`asked_origin`).
 
     Returns:
-        The URL as it is. The gateway builds it from its own settings and
-        the request's path, so the same resource always gives the same
-        bytes; no further normalisation (RFC 3986 §6) is attempted, and a
-        spelling difference costs a miss, never a wrong answer.
+        Both as they are, after the URL's `url_key_prefix`. The gateway builds
+        the URL from its own settings and the request's path, so the same
+        resource always gives the same bytes; no further normalisation (RFC
+        3986 §6) is attempted, and a spelling difference costs a miss, never
+        a wrong answer.
     """
-    return upstream_url
+    return url_key_prefix(upstream_url) + asked_origin
+
+
+def url_key_prefix(upstream_url: bytes) -> bytes:
+    """What the key of every request for ``upstream_url`` starts with, whatever its origin.
+
+    A URL holds no space (RFC 3986 §2), so no other URL's keys share it.
+    """
+    return upstream_url + b" "
+
+
+_ORIGIN_FIELDS = {b"x-forwarded-proto": 0, b"x-forwarded-host": 1}
+
+
+def asked_origin(upstream_headers: HeaderPairs) -> bytes:
+    """``scheme://host`` from the X-Forwarded-Proto and X-Forwarded-Host sent upstream."""
+    parts = [b"", b""]
+    for name, value in upstream_headers:
+        index = _ORIGIN_FIELDS.get(name.lower())
+        if index is not None:
+            parts[index] = value
+    return parts[0] + b"://" + parts[1]
 
 
 def secondary_key(vary_names: tuple[bytes, ...], request_headers: HeaderPairs) -> SecondaryKey:

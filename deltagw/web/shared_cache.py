@@ -50,7 +50,7 @@ from deltagw.cache.freshness import (
     may_serve_stale_on_error,
     use_of_stored,
 )
-from deltagw.cache.keys import primary_key
+from deltagw.cache.keys import asked_origin, primary_key, url_key_prefix
 from deltagw.cache.status import (
     CacheStatus,
     Forward,
@@ -188,7 +188,7 @@ class SharedCache:
         timeout: float,
     ) -> None:
         """Answer a forwarded GET or HEAD from the store, or forward it."""
-        key = primary_key(url.encode("ascii"))
+        key = primary_key(url.encode("ascii"), asked_origin(headers))
         asked = _asked(request)
         stored = self._store.lookup(key, headers)
         if stored is not None and self._answered_with(request, route, stored, key, url, headers,
@@ -225,7 +225,7 @@ class SharedCache:
         if url is None:
             purged = self._store.purge_all()
         else:
-            purged = self._store.purge_prefix(url) if prefix else self._store.purge(url)
+            purged = self._store.purge_prefix(url if prefix else url_key_prefix(url))
         if self._purge_elsewhere is not None:
             self._purge_elsewhere()
         return purged

@@ -367,3 +367,30 @@ async def test_with_storage_down_a_recent_chain_still_answers(make_gateway):
     assert (never.code, json.loads(await never.content())["error"]) == (
         503, "Storage service unavailable")
     assert len(storage.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_host_cannot_poison_what_others_get(make_gateway, upstream):
+    """An upstream that builds its public answer from X-Forwarded-Host (absolute links) and
+    forgets Vary: a client sending Host: evil.example gets its own stored copy; every other
+    client keeps getting the answer built for the gateway's real name."""
+
+    def reflecting(request: Any, seen: Any) -> bytes:
+        request.setHeader(b"Cache-Control", b"public, max-age=600")
+        host = request.getHeader(b"x-forwarded-host")
+        return b'{"next": "https://%s/api/data/products?page=2"}' % host
+
+    upstream.respond = reflecting
+    gateway = await make_gateway(STORAGE_SERVICE_URL=upstream.url)
+    forged = await gateway.get("/api/data/products", headers={b"Host": [b"evil.example"]})
+    assert b"evil.example" in await forged.content()
+    assert _status(forged) == b"deltagw; fwd=uri-miss; stored"
+    for _ in range(2):
+        honest = await gateway.get("/api/data/products")
+        assert b"evil.example" not in await honest.content()
+    assert _status(honest).startswith(b"deltagw; hit")
+    again = await gateway.get("/api/data/products", headers={b"Host": [b"evil.example"]})
+    assert b"evil.example" in await again.content()
+    assert _status(again).startswith(b"deltagw; hit")
+    assert len(upstream.seen) == 2
+    assert await _purge(gateway, "/api/data/products") == (200, {"purged": 2})

@@ -31,7 +31,7 @@ from deltagw.cache.storability import ANSWERED_METHODS, storage_refusal
 from deltagw.cache.store import ResponseStore, StoredResponse
 
 START = float(calendar.timegm((2026, 12, 5, 14, 0, 0)))
-URL = primary_key(b"http://storage:8001/v1/chain?symbol=NIFTY")
+URL = primary_key(b"http://storage:8001/v1/chain?symbol=NIFTY", b"https://api.example")
 
 
 class FlowTests(SynchronousTestCase):

@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from deltagw.cache.directives import parse_vary
-from deltagw.cache.keys import primary_key, secondary_key
+from deltagw.cache.keys import asked_origin, primary_key, secondary_key, url_key_prefix
 from deltagw.upstream.forwarding import upstream_request_headers
 
 PROPERTY = settings(database=None, derandomize=True, deadline=None)
@@ -18,16 +18,37 @@ ACCEPT_AND_LANGUAGE = (b"accept", b"accept-language")
 
 
 class PrimaryKeyTests(SynchronousTestCase):
-    """The target URI (RFC 9111 §2)."""
+    """The target URI (RFC 9111 §2), and the origin the client asked for."""
+
+    ORIGIN = b"https://api.example"
 
     def test_whole_query_is_part_of_it(self) -> None:
         """RFC 9111 §2: the key is the target URI, query included, in its own order."""
-        self.assertEqual(primary_key(b"http://storage:8001/v1/chain?symbol=NIFTY&expiry=1"),
-                         b"http://storage:8001/v1/chain?symbol=NIFTY&expiry=1")
-        self.assertNotEqual(primary_key(b"http://storage/v1?a=1&b=2"),
-                            primary_key(b"http://storage/v1?b=2&a=1"))
-        self.assertNotEqual(primary_key(b"http://storage/v1?a=1"),
-                            primary_key(b"http://storage/v1"))
+        self.assertEqual(
+            primary_key(b"http://storage:8001/v1/chain?symbol=NIFTY&expiry=1", self.ORIGIN),
+            b"http://storage:8001/v1/chain?symbol=NIFTY&expiry=1 https://api.example")
+        self.assertNotEqual(primary_key(b"http://storage/v1?a=1&b=2", self.ORIGIN),
+                            primary_key(b"http://storage/v1?b=2&a=1", self.ORIGIN))
+        self.assertNotEqual(primary_key(b"http://storage/v1?a=1", self.ORIGIN),
+                            primary_key(b"http://storage/v1", self.ORIGIN))
+
+    def test_another_origin_is_another_key_under_the_same_prefix(self) -> None:
+        """A forged Host cannot reach another client's key; a purge by URL reaches every origin."""
+        url = b"http://storage/v1/products"
+        ours, forged = (primary_key(url, b"https://api.example"),
+                        primary_key(url, b"https://evil.example"))
+        self.assertNotEqual(ours, forged)
+        self.assertTrue(ours.startswith(url_key_prefix(url)))
+        self.assertTrue(forged.startswith(url_key_prefix(url)))
+        self.assertFalse(primary_key(url + b"s", b"https://api.example").startswith(
+            url_key_prefix(url)))
+
+    def test_the_origin_is_what_the_upstream_is_told(self) -> None:
+        """X-Forwarded-Proto and X-Forwarded-Host as sent upstream, in any case; absent: empty."""
+        self.assertEqual(asked_origin([(b"Accept", b"*/*"), (b"X-Forwarded-Proto", b"https"),
+                                       (b"x-forwarded-host", b"api.example:8443")]),
+                         b"https://api.example:8443")
+        self.assertEqual(asked_origin([]), b"://")
 
 
 class SecondaryKeyTests(SynchronousTestCase):
