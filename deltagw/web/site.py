@@ -23,14 +23,14 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
-from deltagw.logs import get_logger
+from deltagw.logs import LineLogger
 from deltagw.metrics import Metrics
 from deltagw.speedups import channel_clock, held_writes
 from deltagw.upstream.proxy import RelayEnding
 from deltagw.web.request_framing import RequestFramer, RequestRejected
 from deltagw.web.request_identity import TraceContext, client_address, request_id
 
-_access_log = get_logger(component="access")
+_access_log = LineLogger(component="access")
 
 
 class GatewayRequest(server.Request):
