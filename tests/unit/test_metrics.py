@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from deltagw.metrics import CONTENT_TYPE, REQUEST_BUCKETS, Metrics
+from deltagw.metrics import CONTENT_TYPE, MAX_REMEMBERED_REQUESTS, REQUEST_BUCKETS, Metrics
 from deltagw.routes import ROUTES, SERVICES
 
 CHAIN = "/api/data/chain/{product}"
@@ -73,6 +73,19 @@ class MetricsTests(SynchronousTestCase):
             self.value("deltagw_http_requests_total",
                        {"route": CHAIN, "method": "other", "status": "405"}),
             1.0,
+        )
+
+    def test_remembered_request_series_are_bounded(self) -> None:
+        """Invented methods are counted as "other" whether or not their series is
+        remembered, and no more than MAX_REMEMBERED_REQUESTS are."""
+        for i in range(MAX_REMEMBERED_REQUESTS + 50):
+            self.metrics.observe_request(CHAIN, f"X{i}", 405, 0.001)
+            self.metrics.observe_request(CHAIN, f"X{i}", 405, 0.001)
+        self.assertEqual(len(self.metrics._request_series), MAX_REMEMBERED_REQUESTS)
+        self.assertEqual(
+            self.value("deltagw_http_requests_total",
+                       {"route": CHAIN, "method": "other", "status": "405"}),
+            2.0 * (MAX_REMEMBERED_REQUESTS + 50),
         )
 
     def test_odd_status_is_other(self) -> None:
