@@ -68,9 +68,12 @@ class GatewayRequest(server.Request):
         """Call ``call()`` once, when the response is finished or the client has gone.
 
         What ``notifyFinish`` tells, without a Deferred and its callbacks
-        for each request's handler.
+        for each request's handler; asked once it has ended, at once.
         """
-        self._when_ended.append(call)
+        if self.ended:
+            call()
+        else:
+            self._when_ended.append(call)
 
     def finish(self) -> None:
         super().finish()
