@@ -44,7 +44,8 @@ UNMATCHED = "unmatched"
 OTHER = "other"
 
 MAX_REMEMBERED_REQUESTS = 1024
-"""(route, method, status) triples whose series `Metrics.observe_request` remembers."""
+"""Label values whose series `Metrics` remembers per kind: (route, method, status)
+for `Metrics.observe_request`, (route, result) for `Metrics.cache_request`."""
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -143,6 +144,7 @@ class Metrics:
         self.registry.register(self._cache_state)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._request_series: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._cache_series: dict[tuple[str | None, str], Any] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)
             self._child(self._in_flight, name).set(0)
@@ -237,7 +239,12 @@ class Metrics:
 
     def cache_request(self, route: str | None, result: str) -> None:
         """Count one request of a cached route by its result (``hit``, ``stale``, ...)."""
-        self._child(self._cache_requests, self.route_label(route), result).inc()
+        series = self._cache_series.get((route, result))
+        if series is None:
+            series = self._child(self._cache_requests, self.route_label(route), result)
+            if len(self._cache_series) < MAX_REMEMBERED_REQUESTS:
+                self._cache_series[route, result] = series
+        series.inc()
 
     def watch_cache(self, state: Callable[[], Any]) -> None:
         """Read the cache's size, evictions and coalesced waiters at scrape time.

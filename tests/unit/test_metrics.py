@@ -88,6 +88,20 @@ class MetricsTests(SynchronousTestCase):
             2.0 * (MAX_REMEMBERED_REQUESTS + 50),
         )
 
+    def test_cache_results_by_route_within_bounds(self) -> None:
+        """Cache results are counted by template and result; unknown routes are
+        unmatched, and no more than MAX_REMEMBERED_REQUESTS of them are remembered."""
+        self.metrics.cache_request(CHAIN, "bypass")
+        self.metrics.cache_request(CHAIN, "bypass")
+        for i in range(MAX_REMEMBERED_REQUESTS + 10):
+            self.metrics.cache_request(f"/unknown/{i}", "miss")
+        self.assertEqual(self.value("deltagw_cache_requests_total",
+                                    {"route": CHAIN, "result": "bypass"}), 2.0)
+        self.assertEqual(self.value("deltagw_cache_requests_total",
+                                    {"route": "unmatched", "result": "miss"}),
+                         MAX_REMEMBERED_REQUESTS + 10.0)
+        self.assertEqual(len(self.metrics._cache_series), MAX_REMEMBERED_REQUESTS)
+
     def test_odd_status_is_other(self) -> None:
         """A status outside 100-599 cannot add series either."""
         self.metrics.observe_request(CHAIN, "GET", 999, 0.001)
