@@ -147,7 +147,7 @@ class LineLogger:
     For the events written for every request (``incoming_request``,
     ``outgoing_response``): structlog's bound logger copies its context,
     runs each processor in turn and checks what the last one returned,
-    which cost three times the rendering itself (``make bench``). The
+    which cost more than rendering the line itself (``make bench``). The
     fields come out in the same order as structlog's (bound fields, the
     event's own, level, timestamp, the process's, ``event`` last) and
     observers get the same event, so nothing downstream can tell them apart.
