@@ -43,6 +43,10 @@ CONTENT_TYPE_LATEST now names a newer format, so it is spelled out here)."""
 UNMATCHED = "unmatched"
 OTHER = "other"
 
+MAX_REMEMBERED_REQUESTS = 1024
+"""Label values whose series `Metrics` remembers per kind: (route, method, status)
+for `Metrics.observe_request`, (route, result) for `Metrics.cache_request`."""
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -139,6 +143,8 @@ class Metrics:
         self._cache_state = _CacheCollector()
         self.registry.register(self._cache_state)
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._request_series: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._cache_series: dict[tuple[str | None, str], Any] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)
             self._child(self._in_flight, name).set(0)
@@ -175,10 +181,31 @@ class Metrics:
             status: The response status.
             seconds: From arrival to the end of the response.
         """
+        series = self._request_series.get((route, method, status))
+        if series is None:
+            series = self._series_of_request(route, method, status)
+        count, duration = series
+        count.inc()
+        duration.observe(max(0.0, seconds))
+
+    def _series_of_request(
+        self, route: str | None, method: str | bytes, status: int
+    ) -> tuple[Any, Any]:
+        """The count and duration series a request goes to, remembered by its raw values.
+
+        Requests come with the same few (route, method, status) again and
+        again: their labels are worked out once. Past `MAX_REMEMBERED_REQUESTS`
+        a new one is not remembered (a client inventing methods cannot grow it).
+        """
         route_label = self.route_label(route)
         status_label = str(status) if 100 <= status <= 599 else OTHER
-        self._child(self._requests, route_label, self.method_label(method), status_label).inc()
-        self._child(self._request_seconds, route_label).observe(max(0.0, seconds))
+        series = (
+            self._child(self._requests, route_label, self.method_label(method), status_label),
+            self._child(self._request_seconds, route_label),
+        )
+        if len(self._request_series) < MAX_REMEMBERED_REQUESTS:
+            self._request_series[route, method, status] = series
+        return series
 
     def observe_upstream(
         self, service: str, seconds: float | None, failure_reason: str | None = None
@@ -212,7 +239,12 @@ class Metrics:
 
     def cache_request(self, route: str | None, result: str) -> None:
         """Count one request of a cached route by its result (``hit``, ``stale``, ...)."""
-        self._child(self._cache_requests, self.route_label(route), result).inc()
+        series = self._cache_series.get((route, result))
+        if series is None:
+            series = self._child(self._cache_requests, self.route_label(route), result)
+            if len(self._cache_series) < MAX_REMEMBERED_REQUESTS:
+                self._cache_series[route, result] = series
+        series.inc()
 
     def watch_cache(self, state: Callable[[], Any]) -> None:
         """Read the cache's size, evictions and coalesced waiters at scrape time.

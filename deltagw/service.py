@@ -1,7 +1,8 @@
 """The service tree twistd runs: one listening site and the upstream pool.
 
 Tree: ``GatewayService`` > (``RateLimits``, ``DrainService`` > `Listener`,
-and with SPEEDUPS ``HeldWrites`` and ``BusyPoll`` from `deltagw.speedups`).
+and with SPEEDUPS ``HeldWrites``, ``EventDispatch`` and ``BusyPoll`` from
+`deltagw.speedups`).
 Stopping drains first (stop listening, let in-flight requests finish), while
 the limiter and the pool those requests use still work; then the rest.
 """
@@ -31,6 +32,7 @@ from deltagw.process.drain import DrainService
 from deltagw.process.systemd import SystemdNotifier
 from deltagw.process.workers import listen_endpoint
 from deltagw.speedups.busy_poll import BusyPoll
+from deltagw.speedups.event_dispatch import EventDispatch
 from deltagw.speedups.held_writes import HeldWrites
 from deltagw.upstream.pools import UpstreamClient
 from deltagw.upstream.proxy import Proxy
@@ -253,6 +255,7 @@ class GatewayService(MultiService):
         self.busy_poll: BusyPoll | None = None
         if settings.speedups:
             HeldWrites().setServiceParent(self)
+            EventDispatch(reactor).setServiceParent(self)
             self.busy_poll = BusyPoll(reactor, settings.busy_poll_us)
             self.busy_poll.setServiceParent(self)
         self.listener = Listener(

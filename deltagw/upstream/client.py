@@ -33,6 +33,7 @@ drops the connection: nothing of the answer is passed on.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -217,6 +218,8 @@ def _parse_content_length(values: list[bytes]) -> int:
     """
     if len(values) == 1 and b"," not in values[0]:
         text = values[0]
+        if len(text) < 19 and text.isdigit():
+            return int(text)  # the usual one: 18 digits are always within 2^63-1
     else:
         lengths = {v.strip() for value in values for v in value.split(b",")}
         if len(lengths) != 1:
@@ -243,18 +246,25 @@ def _head_lines(head: bytes) -> list[bytes]:
 
     A proxy replaces obs-fold with a space (RFC 9112 §5.2).
     """
-    if b"\n " not in head and b"\n\t" not in head and head.count(b"\n") == head.count(b"\r\n"):
-        return head.split(b"\r\n")  # the common case, in one pass
-    lines: list[bytes] = []
+    lines = head.split(b"\r\n")
+    if head.count(b"\n") == len(lines) - 1 and b"\n " not in head and b"\n\t" not in head:
+        return lines  # the common case: every line ends with CRLF, none is folded
+    joined: list[bytes] = []
     for line in head.split(b"\n"):
         line = line.rstrip(b"\r")
         if line[:1] in (b" ", b"\t"):
-            if len(lines) < 2:
+            if len(joined) < 2:
                 raise InvalidResponse(f"continuation without a field {line[:80]!r}")
-            lines[-1] += b" " + line.strip()
+            joined[-1] += b" " + line.strip()
         else:
-            lines.append(line)
-    return lines
+            joined.append(line)
+    return joined
+
+
+@functools.lru_cache(maxsize=64)
+def _named_by(value: bytes) -> frozenset[bytes]:
+    """The field names one Connection line lists; an upstream sends the same line each time."""
+    return frozenset(connection_named((value,)))
 
 
 def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], int, int, bool]:
@@ -312,7 +322,7 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
         elif lower == b"transfer-encoding":
             transfer_encoding.append(value)
     if connection:
-        named = connection_named(connection)
+        named = _named_by(connection[0]) if len(connection) == 1 else connection_named(connection)
         if not named <= _CONNECTION_TOKENS:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         if b"close" in named:

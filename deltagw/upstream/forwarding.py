@@ -141,7 +141,10 @@ def _names_the_client(lower: bytes) -> bool:
     return lower in _CLIENT_ADDRESS_FIELDS or lower.startswith(b"x-forwarded-")
 
 
-_NOTHING_NAMED: frozenset[bytes] = frozenset()
+_NOT_COPIED: frozenset[bytes] = HOP_BY_HOP | {b"x-request-id", b"server"}
+"""Response fields never taken from an upstream (besides `_NOT_COPIED_PREFIXES`)."""
+
+_NOT_COPIED_PREFIXES = (b"proxy-", b"access-control-")
 
 
 def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers) -> None:
@@ -158,12 +161,10 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
     seen: set[bytes] = set()
     for name, value in upstream:
         lower = name.lower()
-        if (
-            is_hop_by_hop(lower, _NOTHING_NAMED)
-            or lower.startswith(b"access-control-")
-            or lower == b"x-request-id"
-            or lower == b"server"
-        ):
+        # What is_hop_by_hop says of a field no Connection names, and the
+        # gateway's own fields, in one look-up: this runs for every field
+        # of every forwarded answer.
+        if lower in _NOT_COPIED or lower.startswith(_NOT_COPIED_PREFIXES):
             continue
         if lower in seen or lower == b"vary":
             out.addRawHeader(name, value)

@@ -15,13 +15,13 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.logs import get_logger
+from deltagw.logs import LineLogger
 from deltagw.speedups import held_writes
 from deltagw.web.cors import CorsPolicy
 from deltagw.web.request_identity import trace_context
 from deltagw.web.site import GatewayRequest
 
-_log = get_logger(component="access")
+_log = LineLogger(component="access")
 
 # Printable ASCII without space; anything else in a request target is not a URL.
 _URL_CHARS = re.compile(rb"[\x21-\x7e]*\Z")

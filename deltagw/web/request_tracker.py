@@ -19,7 +19,8 @@ class RequestTracker(Resource):
     """Wraps the root resource to count the requests being answered.
 
     A request counts from the moment it is rendered until its response is
-    finished or its client goes away (``notifyFinish`` fires either way);
+    finished or its client goes away (`GatewayRequest.when_ended`, or
+    ``notifyFinish`` for any other request: either fires both ways);
     while draining, until its connection is closed, since a finished
     response may still sit in the socket's buffer.
     """
@@ -41,7 +42,12 @@ class RequestTracker(Resource):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             request.channel.persistent = False
         self.in_flight += 1
-        request.notifyFinish().addBoth(self._finished, request.channel)
+        channel = request.channel
+        if isinstance(request, GatewayRequest):
+            # No Deferred for what every request does once.
+            request.when_ended(lambda: self._finished(None, channel))
+        else:
+            request.notifyFinish().addBoth(self._finished, channel)
         return self.wrapped.render(request)
 
     def _finished(self, _: object, channel: Any) -> None:

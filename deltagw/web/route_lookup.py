@@ -120,25 +120,23 @@ class DirectRoutes(Resource):
             return self._klein.render(request)
         route, params = found
         d = defer.ensureDeferred(self._dispatch(route, request, params))
-        # Fires when the response is finished or the client has gone.
-        ended = request.notifyFinish()
-        ended.addErrback(lambda _: d.cancel())
-        d.addCallbacks(
-            self._answer, self._failed, callbackArgs=(request, ended), errbackArgs=(request, ended)
-        )
+        # Once answered, cancelling the handler does nothing: this only
+        # stops a handler whose client has gone.
+        request.when_ended(d.cancel)
+        d.addCallbacks(self._answer, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return NOT_DONE_YET
 
-    def _failed(self, failure: Failure, request: GatewayRequest, ended: defer.Deferred[None]) -> None:
-        if ended.called:
+    def _failed(self, failure: Failure, request: GatewayRequest) -> None:
+        if request.ended:
             if not failure.check(defer.CancelledError):
                 _log.err("unhandled_error", _stuff=failure,
                          request_id=request.request_id.decode("ascii"))
             return
-        self._answer(self._answer_failure(request, failure), request, ended)
+        self._answer(self._answer_failure(request, failure), request)
 
     @staticmethod
-    def _answer(body: bytes | None, request: GatewayRequest, ended: defer.Deferred[None]) -> None:
-        if ended.called:
+    def _answer(body: bytes | None, request: GatewayRequest) -> None:
+        if request.ended:
             return
         if body:
             request.write(body)

@@ -471,11 +471,19 @@ _FORWARDED = {
 """Each forwarded Cache-Status once, with its field value: one is sent per forwarded request."""
 
 _LIFETIME_FIELDS = frozenset({b"cache-control", b"expires"})
+_LIFETIME_FIELD_LENGTHS = frozenset(len(name) for name in _LIFETIME_FIELDS)
 
 
 def _states_a_lifetime(fields: list[Header]) -> bool:
-    """Whether an answer has a field that could give it a lifetime (RFC 9111 §4.2.1)."""
-    return any(name.lower() in _LIFETIME_FIELDS for name, _ in fields)
+    """Whether an answer has a field that could give it a lifetime (RFC 9111 §4.2.1).
+
+    Asked of every forwarded answer: a name of another length is passed
+    over without being lower-cased.
+    """
+    for name, _ in fields:
+        if len(name) in _LIFETIME_FIELD_LENGTHS and name.lower() in _LIFETIME_FIELDS:
+            return True
+    return False
 
 
 def _asked(request: GatewayRequest) -> RequestDirectives:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,14 +24,14 @@ from deltagw.errors import (
     reason_phrase,
     upstream_outcome,
 )
-from deltagw.logs import get_logger
+from deltagw.logs import LineLogger
 from deltagw.metrics import Metrics
 from deltagw.speedups import channel_clock, held_writes
 from deltagw.upstream.proxy import RelayEnding
 from deltagw.web.request_framing import RequestFramer, RequestRejected
 from deltagw.web.request_identity import TraceContext, client_address, request_id
 
-_access_log = get_logger(component="access")
+_access_log = LineLogger(component="access")
 
 
 class GatewayRequest(server.Request):
@@ -46,6 +47,7 @@ class GatewayRequest(server.Request):
         trace: The W3C trace context it continues (set before routing).
         site: The `GatewaySite` it arrived at (twisted.web sets it once the
             body is in; set here with the head).
+        ended: Whether the response is finished or the client has gone.
     """
 
     request_id: bytes = b""
@@ -55,10 +57,33 @@ class GatewayRequest(server.Request):
     outcome: str | None = None
     trace: TraceContext | None = None
     site: GatewaySite
+    ended = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log_fields: dict[str, Any] = {}
+        self._when_ended: list[Callable[[], object]] = []
+
+    def when_ended(self, call: Callable[[], object]) -> None:
+        """Call ``call()`` once, when the response is finished or the client has gone.
+
+        What ``notifyFinish`` tells, without a Deferred and its callbacks
+        for each request's handler; asked once it has ended, at once.
+        """
+        if self.ended:
+            call()
+        else:
+            self._when_ended.append(call)
+
+    def finish(self) -> None:
+        super().finish()
+        self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        calls, self._when_ended = self._when_ended, []
+        for call in calls:
+            call()
 
     def gotLength(self, length: int | None) -> None:
         """The head has arrived: what the access log needs is known from here on.
@@ -176,6 +201,7 @@ class GatewayRequest(server.Request):
             self.outcome = self.outcome or "client_closed"
             self.site.log(self, status=499)
         super().connectionLost(reason)
+        self._end()
 
 
 _ABSOLUTE_FORM = re.compile(rb"(?i:(https?))://([^/?#]*)(.*)\Z", re.DOTALL)

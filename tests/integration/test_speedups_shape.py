@@ -19,6 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from deltagw.speedups import channel_clock, held_writes, turn_taking
 from deltagw.speedups.busy_poll import BusyPoll
+from deltagw.speedups.event_dispatch import EventDispatch
 from deltagw.web.site import GatewayChannel
 from tests.support import RecordingUpstream
 
@@ -236,6 +237,94 @@ def test_channel_clock_leaves_no_timeout_mixin_call() -> None:
 
 
 # ---------------------------------------------------------------------------
+# event_dispatch: the epoll reactor's poll and the log context stack
+
+
+@pytest.mark.parametrize("name", ["_poller", "_selectables", "_doReadOrWrite"])
+def test_event_dispatch_finds_the_epoll_reactors_internals(name: str) -> None:
+    """event_dispatch polls ``_poller``, finds ``_selectables`` and dispatches with
+    ``_doReadOrWrite``, as the epoll reactor's doPoll does."""
+    assert isinstance(reactor, epollreactor.EPollReactor)
+    assert hasattr(reactor, name), (
+        f"twisted.internet.epollreactor.EPollReactor has no {name!r} any more: "
+        "deltagw/speedups/event_dispatch.py relies on it"
+    )
+    assert isinstance(reactor._selectables, dict)
+
+
+def test_event_dispatch_replaces_what_the_main_loop_calls() -> None:
+    """The reactor's turn calls ``self.doIteration``, which is the epoll reactor's
+    ``doPoll``, and doPoll wraps each event in ``log.callWithLogger`` as event_dispatch does."""
+    import inspect
+
+    from twisted.internet.base import ReactorBase
+
+    assert "self.doIteration(" in inspect.getsource(ReactorBase.mainLoop), (
+        "ReactorBase.mainLoop no longer calls self.doIteration: "
+        "deltagw/speedups/event_dispatch.py replaces it on the reactor"
+    )
+    assert epollreactor.EPollReactor.doIteration is epollreactor.EPollReactor.doPoll
+    source = inspect.getsource(epollreactor.EPollReactor.doPoll)
+    assert "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in source, (
+        "EPollReactor.doPoll dispatches differently: deltagw/speedups/event_dispatch.py "
+        "copies how it dispatches"
+    )
+
+
+def test_event_dispatch_pushes_what_context_call_pushes() -> None:
+    """``context.call`` pushes its dict on ``currentContext().contexts`` and pops it after."""
+    from twisted.python import context
+
+    stack = context.theContextTracker.currentContext().contexts
+    depth = len(stack)
+    seen = context.call({"deltagw": 1}, lambda: (stack[-1], len(stack)))
+    assert seen == ({"deltagw": 1}, depth + 1) and len(stack) == depth, (
+        "twisted.python.context no longer keeps a stack of dicts in "
+        "currentContext().contexts: deltagw/speedups/event_dispatch.py pushes onto it"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_dispatch_reads_see_the_same_log_context() -> None:
+    """A read dispatched by event_dispatch sees the log context Twisted's own poll
+    gives it: the one it started in, with the connection's prefix as ``system``."""
+    from twisted.internet import defer
+    from twisted.python import context, log
+
+    from deltagw.speedups.event_dispatch import EventDispatch
+
+    async def context_of_a_read() -> tuple[dict, str]:
+        seen: defer.Deferred[tuple[dict, str]] = defer.Deferred()
+
+        class Reader(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if not seen.called:
+                    seen.callback((dict(context.get(log.ILogContext)),
+                                   self.transport.logPrefix()))
+
+        factory = protocol.Factory.forProtocol(Reader)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        try:
+            client.sendall(b"x")
+            return await seen
+        finally:
+            client.close()
+            await port.stopListening()
+
+    stock, stock_prefix = await context_of_a_read()
+    dispatch = EventDispatch(reactor)
+    dispatch.startService()
+    try:
+        assert "doIteration" in vars(reactor)
+        ours, our_prefix = await context_of_a_read()
+    finally:
+        dispatch.stopService()
+    assert "doIteration" not in vars(reactor)
+    assert ours == {**stock, "system": our_prefix} and stock["system"] == stock_prefix
+
+
+# ---------------------------------------------------------------------------
 # SPEEDUPS=0 installs none of them
 
 
@@ -245,7 +334,7 @@ async def test_speedups_are_installed_only_when_asked(
     make_gateway: Callable[..., Any], upstream: RecordingUpstream, monkeypatch, speedups: str
 ) -> None:
     """With SPEEDUPS=0 a running gateway proxies on stock transports, with no held
-    writes and no busy poll; with SPEEDUPS=1 it has all three."""
+    writes, no busy poll and Twisted's own poll; with SPEEDUPS=1 it has them all."""
     transports: list[Any] = []
     adopt = held_writes.adopt
 
@@ -261,14 +350,16 @@ async def test_speedups_are_installed_only_when_asked(
     await response.content()
     kinds = {type(t) for t in transports}
     installed = [type(s).__name__ for s in gateway.service
-                 if isinstance(s, (BusyPoll, held_writes.HeldWrites))]
+                 if isinstance(s, (BusyPoll, held_writes.HeldWrites, EventDispatch))]
     if speedups == "0":
         assert kinds == {tcp.Server, tcp.Client}, kinds
         assert gateway.service.site.protocol is GatewayChannel
         assert installed == [] and gateway.service.busy_poll is None
         assert not held_writes.installed() and held_writes._before_sleeping is None
+        assert "doIteration" not in vars(reactor)
     else:
         assert kinds == {held_writes._HoldingServer, held_writes._HoldingClient}, kinds
         assert issubclass(gateway.service.site.protocol, channel_clock.OneReactorCall)
-        assert sorted(installed) == ["BusyPoll", "HeldWrites"]
+        assert sorted(installed) == ["BusyPoll", "EventDispatch", "HeldWrites"]
+        assert "doIteration" in vars(reactor)
         assert held_writes.installed() and held_writes._before_sleeping is not None

@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from deltagw.metrics import CONTENT_TYPE, REQUEST_BUCKETS, Metrics
+from deltagw.metrics import CONTENT_TYPE, MAX_REMEMBERED_REQUESTS, REQUEST_BUCKETS, Metrics
 from deltagw.routes import ROUTES, SERVICES
 
 CHAIN = "/api/data/chain/{product}"
@@ -74,6 +74,33 @@ class MetricsTests(SynchronousTestCase):
                        {"route": CHAIN, "method": "other", "status": "405"}),
             1.0,
         )
+
+    def test_remembered_request_series_are_bounded(self) -> None:
+        """Invented methods are counted as "other" whether or not their series is
+        remembered, and no more than MAX_REMEMBERED_REQUESTS are."""
+        for i in range(MAX_REMEMBERED_REQUESTS + 50):
+            self.metrics.observe_request(CHAIN, f"X{i}", 405, 0.001)
+            self.metrics.observe_request(CHAIN, f"X{i}", 405, 0.001)
+        self.assertEqual(len(self.metrics._request_series), MAX_REMEMBERED_REQUESTS)
+        self.assertEqual(
+            self.value("deltagw_http_requests_total",
+                       {"route": CHAIN, "method": "other", "status": "405"}),
+            2.0 * (MAX_REMEMBERED_REQUESTS + 50),
+        )
+
+    def test_cache_results_by_route_within_bounds(self) -> None:
+        """Cache results are counted by template and result; unknown routes are
+        unmatched, and no more than MAX_REMEMBERED_REQUESTS of them are remembered."""
+        self.metrics.cache_request(CHAIN, "bypass")
+        self.metrics.cache_request(CHAIN, "bypass")
+        for i in range(MAX_REMEMBERED_REQUESTS + 10):
+            self.metrics.cache_request(f"/unknown/{i}", "miss")
+        self.assertEqual(self.value("deltagw_cache_requests_total",
+                                    {"route": CHAIN, "result": "bypass"}), 2.0)
+        self.assertEqual(self.value("deltagw_cache_requests_total",
+                                    {"route": "unmatched", "result": "miss"}),
+                         MAX_REMEMBERED_REQUESTS + 10.0)
+        self.assertEqual(len(self.metrics._cache_series), MAX_REMEMBERED_REQUESTS)
 
     def test_odd_status_is_other(self) -> None:
         """A status outside 100-599 cannot add series either."""
