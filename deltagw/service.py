@@ -39,6 +39,7 @@ from deltagw.upstream.proxy import Proxy
 from deltagw.upstream.retry import RetryPolicy
 from deltagw.upstream.tls import upstream_tls_policy
 from deltagw.web.application import Gateway
+from deltagw.web.early_hits import EarlyHits
 from deltagw.web.request_tracker import RequestTracker
 from deltagw.web.shared_cache import FillsInProgress, SharedCache, cache_store
 from deltagw.web.site import GatewaySite
@@ -252,6 +253,7 @@ class GatewayService(MultiService):
         )
         self.drain.setServiceParent(self)
         self.site = GatewaySite(self.tracker, settings, reactor, metrics=self.metrics)
+        self.site.early_hits = self._early_hits()
         self.busy_poll: BusyPoll | None = None
         if settings.speedups:
             HeldWrites().setServiceParent(self)
@@ -293,6 +295,10 @@ class GatewayService(MultiService):
             self._purge_elsewhere,
         )
 
+    def _early_hits(self) -> EarlyHits | None:
+        cache = self.gateway.cache
+        return None if cache is None else EarlyHits(self.gateway, cache, self.tracker)
+
     def purge_cache(self) -> int:
         """Forget every stored answer (SIGUSR2); returns how many there were."""
         return self.cache_store.purge_all()
@@ -330,6 +336,7 @@ class GatewayService(MultiService):
             self.cache_store = cache_store(settings)
         self.gateway = self._gateway(settings)
         self.tracker.wrapped = self.gateway.resource()
+        self.site.early_hits = self._early_hits()
         self.site.settings = settings
         self.site.timeOut = settings.client_timeout
         if self.busy_poll is not None:

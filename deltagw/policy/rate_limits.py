@@ -59,6 +59,10 @@ def address_key(client: str, ipv6_prefix: int) -> str:
     return f"ip:{network}"
 
 
+class NotAtOnce(Exception):
+    """`RateLimits.check_at_once` cannot allow the request without waiting."""
+
+
 class RateLimits(Service):
     """The gateway's limiters, one per budget, started and stopped as a service.
 
@@ -122,6 +126,28 @@ class RateLimits(Service):
                 raise RateLimiterUnavailable() from None
         if not decision.allowed:
             raise RateLimited(headers=decision.headers())
+        return decision
+
+    def check_at_once(self, route: Route, client: str) -> Decision | None:
+        """Spend one token of an anonymous request's budget, if that is decided at once.
+
+        Returns:
+            The decision, or None when the route or budget is not limited.
+
+        Raises:
+            NotAtOnce: the budget lives in Redis (an answer takes a round
+                trip), or the request is refused. A refusal leaves the
+                bucket as it was, so `check` decides the request again
+                and gives its 429.
+        """
+        limiter = self._limiters.get(self.policy(route) or "")
+        if limiter is None:
+            return None
+        if not isinstance(limiter, TokenBucketLimiter):
+            raise NotAtOnce()
+        decision = limiter.consume(address_key(client, self._ipv6_prefix))
+        if not decision.allowed:
+            raise NotAtOnce()
         return decision
 
     def readiness(self) -> tuple[bool, dict[str, str]]:

@@ -36,6 +36,7 @@ from deltagw.errors import (
 from deltagw.http_syntax import is_host
 from deltagw.logs import get_logger
 from deltagw.metrics import Metrics
+from deltagw.policy.buckets import Decision
 from deltagw.policy.client_networks import client_allowed
 from deltagw.policy.rate_limits import RateLimits
 from deltagw.policy.route_access import Authenticator
@@ -47,6 +48,7 @@ from deltagw.upstream.proxy import Proxy
 from deltagw.web.before_routing import EdgeResource
 from deltagw.web.composition import Composer
 from deltagw.web.cors import CorsPolicy
+from deltagw.web.head_request import HeadRequest
 from deltagw.web.openapi import openapi_document, server_url
 from deltagw.web.request_identity import is_trusted_peer
 from deltagw.web.route_lookup import DirectRoutes, RouteIndex
@@ -82,6 +84,13 @@ def _filled_path(template: str, params: tuple[tuple[str, str], ...]) -> str:
         if _UNSAFE_PARAM.search(value):
             raise BadRequest(f"Invalid path parameter: {name}")
     return template.format(**{k: quote(v, safe="") for k, v in params})
+
+
+def set_rate_limit_fields(request: GatewayRequest | HeadRequest, decision: Decision) -> None:
+    """Put a limiter's decision on the response (RateLimit and X-RateLimit-*)."""
+    set_raw = request.responseHeaders.setRawHeaders
+    for name, value in decision.headers():
+        set_raw(name, [value])
 
 
 class Gateway:
@@ -147,12 +156,12 @@ class Gateway:
             # each as a forwarded call of its own row would be.
             return await self.composer.compose(
                 route, request, params,
-                lambda part_row: self._upstream_headers(request, part_row, identity),
+                lambda part_row: self.upstream_headers(request, part_row, identity),
             )
         if route.service is None:
             return self._local[route.name](request, identity)
-        url = self._upstream_url(route, request, params)
-        headers = self._upstream_headers(request, route, identity)
+        url = self.upstream_url(route, request, params)
+        headers = self.upstream_headers(request, route, identity)
         timeout = self.settings.upstream_timeout(route.service.name)
         if self.cache is not None and request.method in ANSWERED_METHODS:
             await self.cache.forward(request, route, url, headers, timeout)
@@ -201,12 +210,10 @@ class Gateway:
             self.metrics.rate_limited(route.group)
             raise
         if decision is not None:
-            set_raw = request.responseHeaders.setRawHeaders
-            for name, value in decision.headers():
-                set_raw(name, [value])
+            set_rate_limit_fields(request, decision)
 
-    def _upstream_headers(
-        self, request: GatewayRequest, route: Route, identity: Identity | None
+    def upstream_headers(
+        self, request: GatewayRequest | HeadRequest, route: Route, identity: Identity | None
     ) -> list[Header]:
         """The header fields of one upstream request made for ``request``.
 
@@ -227,7 +234,14 @@ class Gateway:
             added=added,
         )
 
-    def _upstream_url(self, route: Route, request: GatewayRequest, params: dict[str, str]) -> str:
+    def upstream_url(
+        self, route: Route, request: GatewayRequest | HeadRequest, params: dict[str, str]
+    ) -> str:
+        """The URL ``request`` is forwarded to, with its query.
+
+        Raises:
+            BadRequest: a path parameter that could climb or split the upstream path.
+        """
         url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
         _, question, query = request.uri.partition(b"?")
         if question and query:
@@ -235,7 +249,7 @@ class Gateway:
         return url
 
     def _forwarding_fields(
-        self, request: GatewayRequest, peer: str, believed: bool
+        self, request: GatewayRequest | HeadRequest, peer: str, believed: bool
     ) -> list[tuple[bytes, bytes]]:
         """X-Forwarded-*, Forwarded (RFC 7239), the request id and trace context.
 

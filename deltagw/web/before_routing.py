@@ -10,7 +10,7 @@ Rejections here are JSON like every other gateway answer.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.resource import IResource, Resource
 
@@ -20,6 +20,9 @@ from deltagw.speedups import held_writes
 from deltagw.web.cors import CorsPolicy
 from deltagw.web.request_identity import trace_context
 from deltagw.web.site import GatewayRequest
+
+if TYPE_CHECKING:
+    from deltagw.web.head_request import HeadRequest
 
 _log = LineLogger(component="access")
 
@@ -59,6 +62,35 @@ def check_target(uri: bytes) -> None:
         raise BadRequest("Control characters in URL path")
 
 
+def continue_trace(request: GatewayRequest | HeadRequest) -> None:
+    """Set the trace context the request continues (or starts), for the upstream and the log."""
+    request.trace = trace_context(
+        request.requestHeaders.getRawHeaders(b"traceparent", []),
+        request.requestHeaders.getRawHeaders(b"tracestate", []),
+    )
+    request.log_fields["trace_id"] = request.trace.trace_id.decode("ascii")
+
+
+def start_answer(request: GatewayRequest | HeadRequest, reactor: Any, cors: CorsPolicy) -> None:
+    """What every answer begins with: its request id, its ``incoming_request`` line, CORS.
+
+    Both ways a request is answered begin here: through twisted.web
+    (`EdgeResource`) and at its head (`deltagw.web.early_hits`).
+    """
+    request.setHeader(b"X-Request-ID", request.request_id)
+    held_writes.after_sending(
+        reactor,
+        _log.msg,
+        "incoming_request",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace"),
+        request_id=request.request_id.decode("ascii"),
+        client=request.client_address,
+        trace_id=request.log_fields["trace_id"],
+    )
+    cors.apply(request)
+
+
 class EdgeResource(Resource):
     """Wraps the Klein resource with the gateway's per-request edge work."""
 
@@ -73,23 +105,8 @@ class EdgeResource(Resource):
         self._cors = cors
 
     def render(self, request: GatewayRequest) -> Any:  # type: ignore[override]
-        request.setHeader(b"X-Request-ID", request.request_id)
-        request.trace = trace_context(
-            request.requestHeaders.getRawHeaders(b"traceparent", []),
-            request.requestHeaders.getRawHeaders(b"tracestate", []),
-        )
-        request.log_fields["trace_id"] = request.trace.trace_id.decode("ascii")
-        held_writes.after_sending(
-            self._reactor,
-            _log.msg,
-            "incoming_request",
-            method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("ascii", "replace"),
-            request_id=request.request_id.decode("ascii"),
-            client=request.client_address,
-            trace_id=request.log_fields["trace_id"],
-        )
-        self._cors.apply(request)
+        continue_trace(request)
+        start_answer(request, self._reactor, self._cors)
         try:
             check_target(request.uri)
         except GatewayError as e:

@@ -142,6 +142,9 @@ class RequestFramer:
         self._blank_line_skipped = False
         self._unit_start = 0
         self.rejected: RequestRejected | None = None
+        self.request_line = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.heads_read = 0
 
     @property
     def receiving(self) -> bool:
@@ -218,6 +221,8 @@ class RequestFramer:
             raise RequestRejected(431, "Too many header fields")
         version = self._request_line(lines[0])
         self.request_line = lines[0]
+        self.heads_read += 1
+        self.fields = fields = []
         hosts: list[bytes] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []
@@ -225,6 +230,7 @@ class RequestFramer:
             name, colon, value = line.partition(b":")
             if not colon or not is_token(name):
                 raise _bad("Invalid header field")
+            fields.append((name, value.strip(_WHITESPACE)))
             lower = name.lower()
             if lower == b"host":
                 hosts.append(value.strip(_WHITESPACE))

@@ -69,6 +69,7 @@ from deltagw.routes import Route
 from deltagw.upstream.client import Header, UpstreamResponse
 from deltagw.upstream.forwarding import copy_response_headers
 from deltagw.upstream.proxy import Proxy, WholeResponse
+from deltagw.web.head_request import HeadRequest
 from deltagw.web.site import GatewayRequest
 
 _log = get_logger(component="cache")
@@ -214,6 +215,26 @@ class SharedCache:
         why = _why_forwarded(key in self._store, stored is not None, asked)
         await self._forward_upstream(request, route, key, url, headers, timeout, why, shared)
 
+    def fresh_answer(
+        self, request: HeadRequest, url: str, headers: list[Header]
+    ) -> tuple[StoredResponse, CacheStatus] | None:
+        """The stored response that answers ``request`` as it is, and its Cache-Status.
+
+        Asks nothing of the upstream and changes nothing but the entry's
+        place in the LRU order: None whenever answering would need the
+        upstream (a miss, a refresh behind a stale answer, a request that
+        asks for a fresher one), which `forward` then handles.
+        """
+        key = primary_key(url.encode("ascii"), asked_origin(headers))
+        stored = self._store.lookup(key, headers)
+        if stored is None:
+            return None
+        now = self._reactor.seconds()
+        use = use_of_stored(stored.freshness, _asked(request), now)
+        if use is not StoredUse.FRESH and use is not StoredUse.STALE_ALLOWED:
+            return None
+        return stored, hit(stored.freshness.remaining(now))
+
     def purge(self, url: bytes | None, prefix: bool = False) -> int:
         """Forget stored answers: all (``url`` None), one upstream URL's, or
         every URL that starts with ``url`` (``prefix``).
@@ -248,7 +269,7 @@ class SharedCache:
             self._refresh(request, route, key, url, headers, timeout)
         elif use is not StoredUse.FRESH and use is not StoredUse.STALE_ALLOWED:
             return False
-        self._answer_stored(request, route, stored, hit(stored.freshness.remaining(now)))
+        self.answer_stored(request, route, stored, hit(stored.freshness.remaining(now)))
         return True
 
     async def _forward_upstream(
@@ -393,7 +414,7 @@ class SharedCache:
         stored = self._store.lookup(key, headers)
         if stored is not None and self._may_serve_stale(stored):
             request.responseHeaders.removeHeader(b"Cache-Status")
-            self._answer_stored(request, route, stored, served_on_error(
+            self.answer_stored(request, route, stored, served_on_error(
                 Forward.STALE, stored.freshness.remaining(self._reactor.seconds()),
                 forward_status))
             return True
@@ -428,8 +449,9 @@ class SharedCache:
             stored.freshness, self._reactor.seconds(), self._settings.cache_stale_if_error
         )
 
-    def _answer_stored(
-        self, request: GatewayRequest, route: Route, stored: StoredResponse, status: CacheStatus
+    def answer_stored(
+        self, request: GatewayRequest | HeadRequest, route: Route, stored: StoredResponse,
+        status: CacheStatus,
     ) -> None:
         """Write a stored response whole: its fields, Content-Length, Age, Cache-Status."""
         request.setResponseCode(stored.status, stored.reason or None)
@@ -454,7 +476,9 @@ class SharedCache:
         request.outcome = "cache_only_if_cached"
         self._count(request, route, status)
 
-    def _count(self, request: GatewayRequest, route: Route, status: CacheStatus) -> None:
+    def _count(
+        self, request: GatewayRequest | HeadRequest, route: Route, status: CacheStatus
+    ) -> None:
         result = status.outcome.value
         request.log_fields["cache"] = result
         self._metrics.cache_request(route.template, result)
@@ -486,7 +510,7 @@ def _states_a_lifetime(fields: list[Header]) -> bool:
     return False
 
 
-def _asked(request: GatewayRequest) -> RequestDirectives:
+def _asked(request: GatewayRequest | HeadRequest) -> RequestDirectives:
     """The request's Cache-Control directives (RFC 9111 §5.2.1); most requests have none."""
     lines = request.requestHeaders.getRawHeaders(b"cache-control")
     if lines is None:

@@ -304,15 +304,41 @@ class GatewayChannel(http.HTTPChannel):
         framer = self._framer
         if framer.rejected is not None:
             return  # refused: what follows cannot be framed
+        heads_before = framer.heads_read
         valid = framer.feed(data)
         if not self._answering and (valid or framer.receiving):
             self.start_request_clock()
-        if valid:
-            super().dataReceived(valid)
-        else:
+        if not valid:
             self.resetTimeout()  # bytes came, though none is complete yet
+        elif not (framer.heads_read == heads_before + 1 and self._answered_at_head()):
+            super().dataReceived(valid)
         if framer.rejected is not None and not self._answering:
             self._refuse(framer.rejected)
+
+    def _answered_at_head(self) -> bool:
+        """Answer the one request head just read without twisted.web, if it may be.
+
+        Only when it is all the connection holds: no request before it
+        still being read or answered (twisted.web's ``requests``), nothing
+        after it begun, and the connection is to stay open
+        (`deltagw.web.early_hits` decides the rest).
+        """
+        early_hits = self.site.early_hits
+        framer = self._framer
+        if (
+            early_hits is None
+            or self._answering
+            or self.requests
+            or framer.receiving
+            or framer.rejected is not None
+            or not self.persistent
+            or self._closed
+            or not early_hits.answer(self, framer.request_line, framer.fields)
+        ):
+            return False
+        self.stop_request_clock()
+        self.resetTimeout()
+        return True
 
     def allContentReceived(self) -> None:
         self.stop_request_clock()
@@ -405,6 +431,8 @@ class GatewaySite(server.Site):
 
     requestFactory = GatewayRequest
     protocol = GatewayChannel
+    early_hits: Any = None
+    """Answers fresh cache hits at their head (`deltagw.web.early_hits.EarlyHits`), if set."""
 
     def __init__(
         self, resource: Any, settings: Any, reactor: Any, metrics: Metrics | None = None
