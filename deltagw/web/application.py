@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -91,6 +92,18 @@ def set_rate_limit_fields(request: GatewayRequest | HeadRequest, decision: Decis
     set_raw = request.responseHeaders.setRawHeaders
     for name, value in decision.headers():
         set_raw(name, [value])
+
+
+def _asked_origin(
+    headers: Headers, seen_proto: bytes, seen_host: bytes, believed: bool
+) -> tuple[bytes, bytes]:
+    """The scheme and host the client asked for: as seen, or as a trusted proxy
+    says (a host only if it is a valid one)."""
+    if not believed:
+        return seen_proto, seen_host
+    proto = headers.getRawHeaders(b"x-forwarded-proto", [seen_proto])[-1]
+    forwarded_host = headers.getRawHeaders(b"x-forwarded-host", [seen_host])[-1]
+    return proto, forwarded_host if is_host(forwarded_host) else seen_host
 
 
 class Gateway:
@@ -248,6 +261,21 @@ class Gateway:
             url += "?" + query.decode("ascii")
         return url
 
+    def asked_origin(self, request: GatewayRequest | HeadRequest) -> bytes:
+        """``scheme://host`` as X-Forwarded-Proto and X-Forwarded-Host tell the upstream.
+
+        What `deltagw.cache.keys.asked_origin` reads back from `upstream_headers`,
+        without making the other fields.
+        """
+        peer = getattr(request.getClientAddress(), "host", "-")
+        proto, host = _asked_origin(
+            request.requestHeaders,
+            b"https" if request.isSecure() else b"http",
+            request.getHeader(b"host") or b"",
+            is_trusted_peer(peer, self.settings.trusted_proxies),
+        )
+        return proto + b"://" + host
+
     def _forwarding_fields(
         self, request: GatewayRequest | HeadRequest, peer: str, believed: bool
     ) -> list[tuple[bytes, bytes]]:
@@ -260,12 +288,7 @@ class Gateway:
         headers = request.requestHeaders
         seen_proto = b"https" if request.isSecure() else b"http"
         seen_host = request.getHeader(b"host") or b""
-        proto, host = seen_proto, seen_host
-        if believed:
-            proto = headers.getRawHeaders(b"x-forwarded-proto", [proto])[-1]
-            forwarded_host = headers.getRawHeaders(b"x-forwarded-host", [host])[-1]
-            if is_host(forwarded_host):
-                host = forwarded_host
+        proto, host = _asked_origin(headers, seen_proto, seen_host, believed)
         this_hop = forwarded_element(peer, seen_proto, seen_host)
         fields = [
             (

@@ -31,6 +31,7 @@ which spends nothing and is decided again with its 429).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from twisted.web.http import datetimeToString
@@ -38,6 +39,7 @@ from twisted.web.http import datetimeToString
 from deltagw.errors import BadRequest
 from deltagw.policy.rate_limits import NotAtOnce
 from deltagw.policy.route_access import REQUIRED
+from deltagw.upstream.client import Header
 from deltagw.web.application import ROUTE_INDEX, Gateway, set_rate_limit_fields
 from deltagw.web.before_routing import continue_trace, start_answer
 from deltagw.web.head_request import HeadRequest
@@ -51,6 +53,29 @@ _FIELDS_FOR_TWISTED_WEB = frozenset({
 })
 """Request fields that change how twisted.web reads or answers a request
 (persistence, ``100 Continue``, a body) or that ask for a token check."""
+
+
+class _FieldsWhenRead(Sequence[Header]):
+    """The upstream request's fields, made only if read: the cache reads them
+    only for a stored answer that varies on some."""
+
+    def __init__(self, make: Callable[[], list[Header]]) -> None:
+        self._make = make
+        self._made: list[Header] | None = None
+
+    def _fields(self) -> list[Header]:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._fields()[index]
+
+    def __len__(self) -> int:
+        return len(self._fields())
+
+    def __iter__(self) -> Iterator[Header]:
+        return iter(self._fields())
 
 
 class EarlyHits:
@@ -110,7 +135,8 @@ class EarlyHits:
         except BadRequest:
             return False
         stored = self._cache.fresh_answer(
-            request, url, gateway.upstream_headers(request, route, None)
+            request, url, gateway.asked_origin(request),
+            _FieldsWhenRead(lambda: gateway.upstream_headers(request, route, None)),
         )
         if stored is None:
             return False

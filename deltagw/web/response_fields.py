@@ -53,10 +53,12 @@ class ResponseFields:
         self._lines: dict[bytes, list[bytes]] = {}
 
     def setRawHeaders(self, name: bytes, values: Sequence[bytes]) -> None:  # noqa: N802
-        self._lines[canonical_name(name)] = list(values)
+        # The remembered spelling looked up here: this runs for every field of every answer.
+        self._lines[_spellings.get(name) or canonical_name(name)] = list(values)
 
     def addRawHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802
-        self._lines.setdefault(canonical_name(name), []).append(value)
+        spelled = _spellings.get(name) or canonical_name(name)
+        self._lines.setdefault(spelled, []).append(value)
 
     def removeHeader(self, name: bytes) -> None:  # noqa: N802
         self._lines.pop(canonical_name(name), None)

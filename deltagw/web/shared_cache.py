@@ -32,7 +32,7 @@ access log line a ``cache`` field.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -216,7 +216,7 @@ class SharedCache:
         await self._forward_upstream(request, route, key, url, headers, timeout, why, shared)
 
     def fresh_answer(
-        self, request: HeadRequest, url: str, headers: list[Header]
+        self, request: HeadRequest, url: str, origin: bytes, headers: Sequence[Header]
     ) -> tuple[StoredResponse, CacheStatus] | None:
         """The stored response that answers ``request`` as it is, and its Cache-Status.
 
@@ -224,8 +224,14 @@ class SharedCache:
         place in the LRU order: None whenever answering would need the
         upstream (a miss, a refresh behind a stale answer, a request that
         asks for a fresher one), which `forward` then handles.
+
+        Args:
+            origin: The origin `forward` finds in the upstream fields
+                (`deltagw.web.application.Gateway.asked_origin`).
+            headers: The upstream fields, read only when the stored
+                answer varies on some.
         """
-        key = primary_key(url.encode("ascii"), asked_origin(headers))
+        key = primary_key(url.encode("ascii"), origin)
         stored = self._store.lookup(key, headers)
         if stored is None:
             return None

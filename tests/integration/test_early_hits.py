@@ -182,6 +182,7 @@ _SETTINGS = {
     "listed origins, no Server field": {
         "CORS_ORIGINS": "https://app.example", "SERVER_HEADER": "",
     },
+    "behind a trusted proxy": {"TRUSTED_PROXIES": "127.0.0.0/8"},
 }
 
 
