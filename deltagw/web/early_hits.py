@@ -21,8 +21,8 @@ same requests both ways and compares the bytes.
 
 Everything else goes to twisted.web as before, decided before anything
 is spent or written: a request that is not an HTTP/1.1 GET or HEAD in
-origin form, one with a percent-escape, a body, Connection, Expect or
-Authorization, one on a route that needs a token or is not forwarded,
+origin form, one with a percent-escape, a body, Expect, Authorization or
+``Connection: close``, one on a route that needs a token or is not forwarded,
 while draining, when the connection has another request under way, and
 whenever the cache would need the upstream (a miss, a stale answer to
 refresh) or the limiter cannot allow it at once (Redis, or a refusal,
@@ -49,10 +49,12 @@ from deltagw.web.shared_cache import SharedCache
 _ANSWERED_METHODS = frozenset({b"GET", b"HEAD"})
 
 _FIELDS_FOR_TWISTED_WEB = frozenset({
-    b"authorization", b"connection", b"content-length", b"expect", b"transfer-encoding",
+    b"authorization", b"content-length", b"expect", b"transfer-encoding",
 })
 """Request fields that change how twisted.web reads or answers a request
-(persistence, ``100 Continue``, a body) or that ask for a token check."""
+(``100 Continue``, a body) or that ask for a token check; and Connection
+with ``close`` (twisted.web then answers ``Connection: close`` and closes),
+whatever else it holds, which twisted.web reads more narrowly."""
 
 
 class _FieldsWhenRead(Sequence[Header]):
@@ -111,8 +113,11 @@ class EarlyHits:
             or self._tracker.draining
         ):
             return False
-        for name, _ in fields:
-            if name.lower() in _FIELDS_FOR_TWISTED_WEB:
+        for name, value in fields:
+            lower = name.lower()
+            if lower in _FIELDS_FOR_TWISTED_WEB or (
+                lower == b"connection" and b"close" in value.lower()
+            ):
                 return False
         found = ROUTE_INDEX.match(method, target.split(b"?", 1)[0])
         if found is None:
