@@ -136,6 +136,19 @@ class _RawUpstreamProtocol(protocol.Protocol):
 
 
 @dataclass
+class OneAnswerUpstream:
+    """For `RawUpstream`: records each request's bytes, answers with ``answer``, closes."""
+
+    answer: bytes = b""
+    received: list[bytes] = field(default_factory=list)
+
+    def on_request(self, transport: Any, data: bytes) -> None:
+        self.received.append(data)
+        transport.write(self.answer)
+        transport.loseConnection()
+
+
+@dataclass
 class Listening:
     port: Any
     url: str = field(init=False)

@@ -36,15 +36,20 @@ from typing import Any
 
 from twisted.web.http import datetimeToString
 
+from deltagw.cache.status import CacheStatus
+from deltagw.cache.store import StoredResponse
 from deltagw.errors import BadRequest
+from deltagw.policy.buckets import Decision
 from deltagw.policy.rate_limits import NotAtOnce
 from deltagw.policy.route_access import REQUIRED
+from deltagw.routes import Route
 from deltagw.upstream.client import Header
 from deltagw.web.application import ROUTE_INDEX, Gateway, set_rate_limit_fields
 from deltagw.web.before_routing import continue_trace, start_answer
 from deltagw.web.head_request import HeadRequest
 from deltagw.web.request_tracker import RequestTracker
 from deltagw.web.shared_cache import SharedCache
+from deltagw.web.site import GatewayChannel
 
 _ANSWERED_METHODS = frozenset({b"GET", b"HEAD"})
 
@@ -96,7 +101,9 @@ class EarlyHits:
         self._reactor = gateway.reactor
         self._settings = gateway.settings
 
-    def answer(self, channel: Any, request_line: bytes, fields: list[tuple[bytes, bytes]]) -> bool:
+    def answer(
+        self, channel: GatewayChannel, request_line: bytes, fields: list[tuple[bytes, bytes]]
+    ) -> bool:
         """Answer the request whose head was just read, if it is a fresh hit.
 
         Returns:
@@ -152,8 +159,10 @@ class EarlyHits:
         self._answer(request, route, decision, *stored)
         return True
 
-    def _answer(self, request: HeadRequest, route: Any, decision: Any, stored: Any,
-                status: Any) -> None:
+    def _answer(
+        self, request: HeadRequest, route: Route, decision: Decision | None,
+        stored: StoredResponse, status: CacheStatus,
+    ) -> None:
         """Fill in, write and log the answer, as the routes through twisted.web do."""
         fields = request.responseHeaders
         server_field = self._settings.server_field

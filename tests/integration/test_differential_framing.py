@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.support import RawUpstream, RunningGateway, listen
+from tests.support import OneAnswerUpstream, RawUpstream, RunningGateway, listen
 
 EXAMPLES = 1000
 """Generated cases per side (2,000 in all), on top of the corpus."""
@@ -89,28 +89,15 @@ class _Client(protocol.Protocol):
 
 
 @dataclass
-class _Upstream:
-    """A raw upstream: records each request's bytes, answers with ``answer``, closes."""
-
-    answer: bytes = b""
-    received: list[bytes] = field(default_factory=list)
-
-    def on_request(self, transport: Any, data: bytes) -> None:
-        self.received.append(data)
-        transport.write(self.answer)
-        transport.loseConnection()
-
-
-@dataclass
 class _Platform:
     gateway: RunningGateway
-    upstream: _Upstream
+    upstream: OneAnswerUpstream
 
 
 @pytest.fixture(scope="module")
 def platform() -> Iterator[_Platform]:
     """One gateway and one raw upstream for every case of the module."""
-    upstream = _Upstream()
+    upstream = OneAnswerUpstream()
     listening = listen(RawUpstream(upstream.on_request))
     gateway = RunningGateway({
         "STORAGE_SERVICE_URL": listening.url, "AUTH_SERVICE_URL": listening.url,

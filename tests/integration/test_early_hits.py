@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.support import RawUpstream, RunningGateway, listen, wait_until
+from tests.support import OneAnswerUpstream, RawUpstream, RunningGateway, listen, wait_until
 
 CASES = 200
 """Drawn cases per gateway configuration."""
@@ -126,19 +126,6 @@ def _request_bytes(method: bytes, target: bytes, fields: tuple[tuple[bytes, byte
 # ------------------------------------------------------------------ the parties
 
 
-@dataclass
-class _Upstream:
-    """Answers every request with ``answer`` and closes; counts the requests."""
-
-    answer: bytes = b""
-    received: list[bytes] = field(default_factory=list)
-
-    def on_request(self, transport: Any, data: bytes) -> None:
-        self.received.append(data)
-        transport.write(self.answer)
-        transport.loseConnection()
-
-
 class _OneAnswer(protocol.Protocol):
     """Sends one request and keeps the one answer, read with h11; then closes."""
 
@@ -175,7 +162,7 @@ class _OneAnswer(protocol.Protocol):
 class _Pair:
     early: RunningGateway
     through_twisted: RunningGateway
-    upstream: _Upstream
+    upstream: OneAnswerUpstream
     answered_early: list[bool]
 
 
@@ -190,7 +177,7 @@ _SETTINGS = {
 
 @pytest.fixture(scope="module", params=list(_SETTINGS), ids=list(_SETTINGS))
 def pair(request: Any) -> Iterator[_Pair]:
-    upstream = _Upstream()
+    upstream = OneAnswerUpstream()
     listening = listen(RawUpstream(upstream.on_request))
     env = {
         "STORAGE_SERVICE_URL": listening.url, "RETRIES": "0", "BREAKER_FAILURES": "1000000",
