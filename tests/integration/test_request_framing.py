@@ -138,6 +138,17 @@ def test_framer_holds_an_incomplete_head_and_passes_earlier_requests():
     assert framer.rejected.status == 400
 
 
+def test_framer_tells_the_last_head_it_read():
+    """Its request line and fields (values without the whitespace around them, as
+    twisted.web reads them), and how many heads it has read."""
+    framer = RequestFramer(max_body_bytes=1000)
+    framer.feed(b"GET /a?b HTTP/1.1\r\nHost: gw\r\naccept:\t */* \r\nX-Empty:\r\n\r\n")
+    assert (framer.request_line, framer.heads_read) == (b"GET /a?b HTTP/1.1", 1)
+    assert framer.fields == [(b"Host", b"gw"), (b"accept", b"*/*"), (b"X-Empty", b"")]
+    framer.feed(GET + GET)
+    assert (framer.request_line, framer.heads_read) == (GET.split(b"\r\n")[0], 3)
+
+
 def test_framer_refuses_a_long_head_before_it_ends():
     """Past MAX_HEAD_BYTES the head is refused without waiting for its end."""
     framer = RequestFramer(max_body_bytes=1000)
