@@ -31,6 +31,7 @@ from zope.interface import implementer
 from deltagw.errors import UpstreamUnavailable
 from deltagw.logs import get_logger
 from deltagw.routes import SERVICES, Service
+from deltagw.speedups import clean_fields
 from deltagw.upstream.body import BodyInterrupted, read_body
 from deltagw.upstream.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.upstream.client import NO_BODY_CODES, Header, UpstreamResponse
@@ -480,7 +481,9 @@ class Proxy:
         ):
             # The framing of this body; a HEAD or 304 answer keeps the
             # upstream's Content-Length, and a 204 has none.
-            request.setHeader(b"Content-Length", b"%d" % response.length)
+            clean_fields.set_field(
+                request.responseHeaders, b"Content-Length", b"%d" % response.length
+            )
         # Asked once the upstream's fields are in place, before a byte is written.
         keep_limit = keep(response) if keep is not None else 0
         if body is not None:

@@ -41,6 +41,7 @@ from deltagw.policy.rate_limits import RateLimits
 from deltagw.policy.route_access import Authenticator
 from deltagw.policy.token_verifiers import Identity
 from deltagw.routes import ROUTES, Route
+from deltagw.speedups import clean_fields
 from deltagw.upstream.client import Header
 from deltagw.upstream.forwarding import chained, forwarded_element, upstream_request_headers
 from deltagw.upstream.proxy import Proxy
@@ -201,9 +202,7 @@ class Gateway:
             self.metrics.rate_limited(route.group)
             raise
         if decision is not None:
-            set_raw = request.responseHeaders.setRawHeaders
-            for name, value in decision.headers():
-                set_raw(name, [value])
+            clean_fields.set_fields(request.responseHeaders, decision.headers())
 
     def _upstream_headers(
         self, request: GatewayRequest, route: Route, identity: Identity | None
