@@ -14,6 +14,7 @@ from twisted.web.http_headers import Headers
 from deltagw.errors import UpstreamUnavailable
 from deltagw.routes import STORAGE
 from deltagw.upstream.body import BodyInterrupted
+from deltagw.upstream.client import NoResponse
 from deltagw.upstream.failures import failure_reason
 from deltagw.upstream.proxy import ClientTooSlow, Proxy, _BodyRelay
 
@@ -91,6 +92,50 @@ def test_header_timeout_cancels_and_answers_503():
     assert failure.value.message == "Storage service unavailable"
     assert client.cancelled == 1
     assert request.upstream_notes == ["timeout"]
+
+
+class AbortingClient(HangingClient):
+    """Cancelling fails the call as the forward client does once a request is
+    on a connection: `NoResponse`, its reason the CancelledError."""
+
+    def request(self, *args, **kwargs):
+        def cancel(d):
+            self.cancelled += 1
+            d.errback(NoResponse([Failure(defer.CancelledError())]))
+
+        return defer.Deferred(cancel)
+
+
+def test_header_timeout_is_a_timeout_whatever_the_cancelled_call_failed_with():
+    """A call cancelled by its timer is not taken for one whose client left."""
+    clock = Clock()
+    client = AbortingClient()
+    request = FakeRequest()
+    d = defer.ensureDeferred(
+        Proxy(clock, client).forward(
+            request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream
+        )
+    )
+    clock.advance(10)
+    failure = _failure_of(d)
+    assert isinstance(failure.value, UpstreamUnavailable) and failure.value.reason == "timeout"
+    assert client.cancelled == 1 and request.upstream_notes == ["timeout"]
+
+
+def test_a_client_that_leaves_cancels_the_header_timer():
+    """Cancelled before its headers (the client left): no timer is left behind,
+    and the call is not counted against the upstream."""
+    clock = Clock()
+    client = AbortingClient()
+    request = FakeRequest()
+    proxy = Proxy(clock, client)
+    d = defer.ensureDeferred(
+        proxy.forward(request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream)
+    )
+    d.cancel()
+    assert isinstance(_failure_of(d).value, defer.CancelledError)
+    assert not clock.getDelayedCalls()
+    assert client.cancelled == 1 and request.upstream_notes == []
 
 
 def test_body_gap_longer_than_timeout_stops_relay():
