@@ -95,6 +95,8 @@ class ResponseBroken(_ConnectionFailure):
 _MAX_CHUNK_LINE = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+"""An empty line after a bare LF: a head may end there before any CRLF CRLF."""
 _FOLD = re.compile(rb"\n[ \t]")
 """A line that continues the one before it (obs-fold)."""
 _WHITESPACE = b" \t"
@@ -436,7 +438,7 @@ class _Connection(Protocol):
         while self._state == _HEAD:
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
-            if end >= 0 and b"\n\n" not in buffer[:end] and b"\n\r\n" not in buffer[:end]:
+            if end >= 0 and _BLANK_LINE.search(buffer, 0, end) is None:
                 head, rest = buffer[:end], buffer[end + 4 :]
             else:
                 # The earliest blank line, whatever the line endings (a bare-LF
