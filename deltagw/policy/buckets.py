@@ -156,6 +156,18 @@ def _decision(
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _full_bucket(capacity: int, window: float, policy: str) -> Decision:
+    """What `TokenBucketLimiter.consume` decides for a full bucket, as its
+    general case would: capacity tokens, one taken.
+
+    One per bucket configuration (from settings, never from clients), kept
+    here rather than by each limiter: a stopped gateway's limiter then
+    leaves no decision of its own to the cycle collector.
+    """
+    return _decision(True, capacity - 1.0, capacity, window, policy)
+
+
 def _check_bucket(capacity: int, window: float, policy: str) -> None:
     """Reject a bucket configuration that could never limit sensibly.
 
@@ -229,9 +241,7 @@ class TokenBucketLimiter:
         self._sweep_interval = sweep_interval
         self._policy = policy
         self._epoch = reactor.seconds()
-        # What consume decides for a full bucket, as its general case would:
-        # capacity tokens, one taken.
-        self._when_full = _decision(True, capacity - 1.0, capacity, window, policy)
+        self._when_full = _full_bucket(capacity, window, policy)
         # key -> time (since _epoch) at which its bucket is full again; in touch order, least
         # recently touched first, so that both the cap and the sweep work
         # from the front.
