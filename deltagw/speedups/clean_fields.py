@@ -22,34 +22,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from twisted.application.service import Service
 from twisted.web.http_headers import Headers, _nameEncoder
 
-_installed = 0
-"""How many `CleanFields` services run (tests may run several gateways)."""
+from deltagw.speedups.switch import Switch
 
 _canonical = _nameEncoder.encode
 
 
-class CleanFields(Service):
+class CleanFields(Switch):
     """While running, `set_field` stores values without folding them."""
-
-    def startService(self) -> None:
-        global _installed
-        if not self.running:  # a service may be started or stopped twice
-            _installed += 1
-        super().startService()
-
-    def stopService(self) -> None:
-        global _installed
-        if self.running:
-            _installed -= 1
-        super().stopService()
 
 
 def installed() -> bool:
     """Whether `set_field` currently skips Twisted's fold."""
-    return _installed > 0
+    return CleanFields.running_count > 0
 
 
 def set_field(headers: Headers, name: bytes, value: bytes) -> None:
@@ -59,7 +45,7 @@ def set_field(headers: Headers, name: bytes, value: bytes) -> None:
     would be written as it is instead of folded. Anything but a stock
     ``Headers`` (a stand-in with the same methods) is asked to set it.
     """
-    if _installed and type(headers) is Headers:
+    if CleanFields.running_count and type(headers) is Headers:
         headers._rawHeaders[_canonical(name)] = [value]
     else:
         headers.setRawHeaders(name, [value])
@@ -67,7 +53,7 @@ def set_field(headers: Headers, name: bytes, value: bytes) -> None:
 
 def set_fields(headers: Headers, fields: Iterable[tuple[bytes, bytes]]) -> None:
     """`set_field` for each ``(name, value)``, in order."""
-    if _installed and type(headers) is Headers:
+    if CleanFields.running_count and type(headers) is Headers:
         raw = headers._rawHeaders
         for name, value in fields:
             raw[_canonical(name)] = [value]
