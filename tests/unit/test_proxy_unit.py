@@ -72,26 +72,11 @@ class FakeTransport:
         self.calls.append("stop")
 
 
-def test_header_timeout_cancels_and_answers_503():
-    """No response headers within the service timeout: the call is cancelled and becomes a 503."""
-    clock = Clock()
-    client = HangingClient()
-    request = FakeRequest()
-    d = defer.ensureDeferred(
-        Proxy(clock, client).forward(
-            request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream
-        )
+def _forward(proxy: Proxy, request: FakeRequest) -> defer.Deferred:
+    """``request`` forwarded to the storage service, with a 10 s timeout."""
+    return defer.ensureDeferred(
+        proxy.forward(request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream)
     )
-    clock.advance(9.999)
-    assert not d.called and client.cancelled == 0
-    clock.advance(0.001)
-    failure = _failure_of(d)
-    assert isinstance(failure.value, UpstreamUnavailable)
-    assert failure.value.reason == "timeout"
-    assert failure.value.status == 503
-    assert failure.value.message == "Storage service unavailable"
-    assert client.cancelled == 1
-    assert request.upstream_notes == ["timeout"]
 
 
 class AbortingClient(HangingClient):
@@ -106,32 +91,34 @@ class AbortingClient(HangingClient):
         return defer.Deferred(cancel)
 
 
-def test_header_timeout_is_a_timeout_whatever_the_cancelled_call_failed_with():
-    """A call cancelled by its timer is not taken for one whose client left."""
+@pytest.mark.parametrize("client_kind", [HangingClient, AbortingClient])
+def test_header_timeout_cancels_and_answers_503(client_kind):
+    """No response headers within the service timeout: the call is cancelled and becomes a 503,
+    whatever the cancelled call failed with (not taken for a client that left)."""
     clock = Clock()
-    client = AbortingClient()
+    client = client_kind()
     request = FakeRequest()
-    d = defer.ensureDeferred(
-        Proxy(clock, client).forward(
-            request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream
-        )
-    )
-    clock.advance(10)
+    d = _forward(Proxy(clock, client), request)
+    clock.advance(9.999)
+    assert not d.called and client.cancelled == 0
+    clock.advance(0.001)
     failure = _failure_of(d)
-    assert isinstance(failure.value, UpstreamUnavailable) and failure.value.reason == "timeout"
-    assert client.cancelled == 1 and request.upstream_notes == ["timeout"]
+    assert isinstance(failure.value, UpstreamUnavailable)
+    assert failure.value.reason == "timeout"
+    assert failure.value.status == 503
+    assert failure.value.message == "Storage service unavailable"
+    assert client.cancelled == 1
+    assert request.upstream_notes == ["timeout"]
 
 
 def test_a_client_that_leaves_cancels_the_header_timer():
     """Cancelled before its headers (the client left): no timer is left behind,
-    and the call is not counted against the upstream."""
+    and nothing is noted against the upstream."""
     clock = Clock()
     client = AbortingClient()
     request = FakeRequest()
     proxy = Proxy(clock, client)
-    d = defer.ensureDeferred(
-        proxy.forward(request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream)
-    )
+    d = _forward(proxy, request)
     d.cancel()
     assert isinstance(_failure_of(d).value, defer.CancelledError)
     assert not clock.getDelayedCalls()
