@@ -32,6 +32,7 @@ from deltagw.process.drain import DrainService
 from deltagw.process.systemd import SystemdNotifier
 from deltagw.process.workers import listen_endpoint
 from deltagw.speedups.busy_poll import BusyPoll
+from deltagw.speedups.clean_fields import CleanFields
 from deltagw.speedups.event_dispatch import EventDispatch
 from deltagw.speedups.held_writes import HeldWrites
 from deltagw.upstream.pools import UpstreamClient
@@ -257,6 +258,7 @@ class GatewayService(MultiService):
         self.busy_poll: BusyPoll | None = None
         if settings.speedups:
             HeldWrites().setServiceParent(self)
+            CleanFields().setServiceParent(self)
             EventDispatch(reactor).setServiceParent(self)
             self.busy_poll = BusyPoll(reactor, settings.busy_poll_us)
             self.busy_poll.setServiceParent(self)

@@ -18,6 +18,7 @@ see `RedisLimiter` for why.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -83,7 +84,7 @@ class Decision(NamedTuple):
     window: float
     policy: str = "default"
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """Render the response header fields that describe this decision.
 
         ``RateLimit-Policy`` and ``RateLimit`` follow
@@ -102,21 +103,31 @@ class Decision(NamedTuple):
         Returns:
             ``(name, value)`` pairs, ``Retry-After`` only when refused.
         """
-        reset = _whole_seconds(self.reset_after)
-        t = reset if self.allowed else self.retry_after
-        window = max(1, _whole_seconds(self.window))
-        # Formatted straight to bytes: this runs on every limited request.
-        policy = self.policy.encode("ascii")
-        fields = [
-            (b"RateLimit-Policy", b'"%b";q=%d;w=%d' % (policy, self.limit, window)),
-            (b"RateLimit", b'"%b";r=%d;t=%d' % (policy, self.remaining, t)),
-            (b"X-RateLimit-Limit", b"%d" % self.limit),
-            (b"X-RateLimit-Remaining", b"%d" % self.remaining),
-            (b"X-RateLimit-Reset", b"%d" % reset),
-        ]
-        if not self.allowed:
-            fields.append((b"Retry-After", b"%d" % self.retry_after))
-        return fields
+        return _fields_of(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _fields_of(decision: Decision) -> tuple[tuple[bytes, bytes], ...]:
+    """`Decision.headers`, remembered for equal decisions.
+
+    A client within its budget finds its bucket full again at each request
+    and gets the same decision every time (`TokenBucketLimiter.consume`);
+    equal decisions render to equal fields, so they are formatted once.
+    """
+    reset = _whole_seconds(decision.reset_after)
+    t = reset if decision.allowed else decision.retry_after
+    window = max(1, _whole_seconds(decision.window))
+    policy = decision.policy.encode("ascii")
+    fields = (
+        (b"RateLimit-Policy", b'"%b";q=%d;w=%d' % (policy, decision.limit, window)),
+        (b"RateLimit", b'"%b";r=%d;t=%d' % (policy, decision.remaining, t)),
+        (b"X-RateLimit-Limit", b"%d" % decision.limit),
+        (b"X-RateLimit-Remaining", b"%d" % decision.remaining),
+        (b"X-RateLimit-Reset", b"%d" % reset),
+    )
+    if not decision.allowed:
+        fields += ((b"Retry-After", b"%d" % decision.retry_after),)
+    return fields
 
 
 def _whole_seconds(seconds: float) -> int:
@@ -143,6 +154,18 @@ def _decision(
         window=window,
         policy=policy,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _full_bucket(capacity: int, window: float, policy: str) -> Decision:
+    """What `TokenBucketLimiter.consume` decides for a full bucket, as its
+    general case would: capacity tokens, one taken.
+
+    One per bucket configuration (from settings, never from clients), kept
+    here rather than by each limiter: a stopped gateway's limiter then
+    leaves no decision of its own to the cycle collector.
+    """
+    return _decision(True, capacity - 1.0, capacity, window, policy)
 
 
 def _check_bucket(capacity: int, window: float, policy: str) -> None:
@@ -218,6 +241,7 @@ class TokenBucketLimiter:
         self._sweep_interval = sweep_interval
         self._policy = policy
         self._epoch = reactor.seconds()
+        self._when_full = _full_bucket(capacity, window, policy)
         # key -> time (since _epoch) at which its bucket is full again; in touch order, least
         # recently touched first, so that both the cap and the sweep work
         # from the front.
@@ -254,9 +278,15 @@ class TokenBucketLimiter:
             # A refused client is still active: touching it keeps the cap
             # from dropping (and so refilling) the keys that hammer hardest.
             buckets.move_to_end(key)
-            # max(): a bucket cannot hold more than capacity, and a wall clock
-            # stepping backwards must not take tokens away.
-            full_at = max(full_at, now)
+            # As max(): a bucket cannot hold more than capacity, and a wall
+            # clock stepping backwards must not take tokens away.
+            if full_at < now:
+                full_at = now
+        if full_at == now:
+            # A full bucket: the request is allowed and the answer is always
+            # the same (the usual case for a client within its budget).
+            buckets[key] = now + self._interval
+            return self._when_full
         tokens = self._capacity - (full_at - now) / self._interval
         allowed = tokens >= 1 - GRACE / self._interval
         if allowed:

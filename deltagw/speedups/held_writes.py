@@ -42,17 +42,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.logger import Logger
+
+from deltagw.speedups.switch import Switch
 
 _log = Logger()
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 """``work, args, kwargs`` queued by `after_sending`."""
-
-_installed = 0
-"""How many `HeldWrites` services run (tests may run several gateways)."""
 
 _held: list[Any] = []
 """Connections written to during the current read dispatch."""
@@ -145,7 +143,7 @@ def after_sending(reactor: Any, work: Callable[..., Any], *args: Any, **kwargs: 
     (`HeldWrites` runs), ``work`` outside a read dispatch with nothing queued
     is called at once; otherwise it waits for the reactor's next turn.
     """
-    if not _installed:
+    if not HeldWrites.running_count:
         _next_turn(reactor, (work, args, kwargs))
     elif not _depth and not _after:
         work(*args, **kwargs)
@@ -220,25 +218,13 @@ class _HoldingClient(_HoldingWrites, tcp.Client):
 _KINDS: dict[type, type] = {tcp.Server: _HoldingServer, tcp.Client: _HoldingClient}
 
 
-class HeldWrites(Service):
+class HeldWrites(Switch):
     """While running, `adopt` makes plain TCP transports hold their writes."""
-
-    def startService(self) -> None:
-        global _installed
-        if not self.running:  # a service may be started or stopped twice
-            _installed += 1
-        super().startService()
-
-    def stopService(self) -> None:
-        global _installed
-        if self.running:
-            _installed -= 1
-        super().stopService()
 
 
 def installed() -> bool:
     """Whether `adopt` currently makes transports hold their writes."""
-    return _installed > 0
+    return HeldWrites.running_count > 0
 
 
 def adopt(transport: Any) -> None:
@@ -247,7 +233,7 @@ def adopt(transport: Any) -> None:
     Only while a `HeldWrites` service runs; any other transport (TLS
     wrappers, UNIX sockets, test doubles) is left alone.
     """
-    if not _installed:
+    if not HeldWrites.running_count:
         return
     kind = _KINDS.get(type(transport))
     if kind is not None:

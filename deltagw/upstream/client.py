@@ -95,6 +95,10 @@ class ResponseBroken(_ConnectionFailure):
 _MAX_CHUNK_LINE = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+"""An empty line after a bare LF: a head may end there before any CRLF CRLF."""
+_FOLD = re.compile(rb"\n[ \t]")
+"""A line that continues the one before it (obs-fold)."""
 _WHITESPACE = b" \t"
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
@@ -247,7 +251,7 @@ def _head_lines(head: bytes) -> list[bytes]:
     A proxy replaces obs-fold with a space (RFC 9112 §5.2).
     """
     lines = head.split(b"\r\n")
-    if head.count(b"\n") == len(lines) - 1 and b"\n " not in head and b"\n\t" not in head:
+    if head.count(b"\n") == len(lines) - 1 and _FOLD.search(head) is None:
         return lines  # the common case: every line ends with CRLF, none is folded
     joined: list[bytes] = []
     for line in head.split(b"\n"):
@@ -265,6 +269,22 @@ def _head_lines(head: bytes) -> list[bytes]:
 def _named_by(value: bytes) -> frozenset[bytes]:
     """The field names one Connection line lists; an upstream sends the same line each time."""
     return frozenset(connection_named((value,)))
+
+
+_MAX_LOWER_NAMES = 1024
+"""Field names `_lower_name` remembers: an upstream sends the same few in
+every answer, and a hostile one must not grow the table without bound."""
+
+_LOWER_NAMES: dict[bytes, bytes] = {}
+"""Field names known to be tokens, each with its lower-case spelling."""
+
+
+def _lower_name(name: bytes) -> bytes:
+    """The lower-case spelling of a field name found to be a token, remembered."""
+    lower = name.lower()
+    if len(_LOWER_NAMES) < _MAX_LOWER_NAMES:
+        _LOWER_NAMES[name] = lower
+    return lower
 
 
 def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], int, int, bool]:
@@ -304,10 +324,12 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, list[Header], i
     transfer_encoding: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not is_token(name):
-            raise InvalidResponse(f"invalid header line {line[:80]!r}")
+        lower = _LOWER_NAMES.get(name)
+        if lower is None or not colon:
+            if not colon or not is_token(name):
+                raise InvalidResponse(f"invalid header line {line[:80]!r}")
+            lower = _lower_name(name)
         value = value.strip(_WHITESPACE)
-        lower = name.lower()
         if lower not in _CONNECTION_CONTROL:
             headers.append((name, value))
         elif lower == b"content-length":
@@ -416,7 +438,7 @@ class _Connection(Protocol):
         while self._state == _HEAD:
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
-            if end >= 0 and b"\n\n" not in buffer[:end] and b"\n\r\n" not in buffer[:end]:
+            if end >= 0 and _BLANK_LINE.search(buffer, 0, end) is None:
                 head, rest = buffer[:end], buffer[end + 4 :]
             else:
                 # The earliest blank line, whatever the line endings (a bare-LF

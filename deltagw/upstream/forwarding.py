@@ -13,6 +13,8 @@ from collections.abc import Container, Iterable
 
 from twisted.web.http_headers import Headers
 
+from deltagw.speedups import clean_fields
+
 HOP_BY_HOP: frozenset[bytes] = frozenset(
     {
         b"connection",
@@ -156,7 +158,8 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
     Server: what runs the upstream is not disclosed, as nginx and Envoy
     do) are not taken from the upstream. The upstream client has already removed the
     framing fields (Content-Length, Transfer-Encoding, Connection) and the
-    fields Connection names (``deltagw.upstream.client``).
+    fields Connection names, and no value holds a line break
+    (``deltagw.upstream.client``), so none needs folding (`clean_fields`).
     """
     seen: set[bytes] = set()
     for name, value in upstream:
@@ -169,5 +172,5 @@ def copy_response_headers(upstream: Iterable[tuple[bytes, bytes]], out: Headers)
         if lower in seen or lower == b"vary":
             out.addRawHeader(name, value)
         else:
-            out.setRawHeaders(name, [value])
+            clean_fields.set_field(out, name, value)
             seen.add(lower)

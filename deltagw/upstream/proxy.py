@@ -31,6 +31,7 @@ from zope.interface import implementer
 from deltagw.errors import UpstreamUnavailable
 from deltagw.logs import get_logger
 from deltagw.routes import SERVICES, Service
+from deltagw.speedups import clean_fields
 from deltagw.upstream.body import BodyInterrupted, read_body
 from deltagw.upstream.breaker import HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, is_failure_status
 from deltagw.upstream.client import NO_BODY_CODES, Header, UpstreamResponse
@@ -435,11 +436,14 @@ class Proxy:
         # circuit is that a dead upstream sees one connection per reset period.
         policy = _NO_RETRY if breaker.state == HALF_OPEN else self._retry
         d = call_with_retries(self._reactor, policy, method, attempt, started + timeout)
-        d.addTimeout(timeout, self._reactor, onTimeoutCancel=_as_timeout)
+        # One reactor call, cancelled when the headers arrive: all that
+        # ``Deferred.addTimeout`` does here, without its two callbacks and
+        # closures on every call.
+        timer = self._reactor.callLater(timeout, d.cancel)
         try:
             response: UpstreamResponse = await d
         except Exception:
-            failure = Failure()
+            failure = _timed_out(timeout) if not timer.active() else Failure()
             if was_cancelled(failure):
                 # The client went away (Klein cancels the handler): nothing
                 # was learnt about the upstream, and nobody waits for an answer.
@@ -449,6 +453,9 @@ class Proxy:
             reason = failure_reason(failure)
             note(service.name, started, reason)
             raise UpstreamUnavailable(service, reason) from None
+        finally:
+            if timer.active():
+                timer.cancel()
         if is_failure_status(response.code):
             breaker.record_failure()
         else:
@@ -480,7 +487,9 @@ class Proxy:
         ):
             # The framing of this body; a HEAD or 304 answer keeps the
             # upstream's Content-Length, and a 204 has none.
-            request.setHeader(b"Content-Length", b"%d" % response.length)
+            clean_fields.set_field(
+                request.responseHeaders, b"Content-Length", b"%d" % response.length
+            )
         # Asked once the upstream's fields are in place, before a byte is written.
         keep_limit = keep(response) if keep is not None else 0
         if body is not None:
@@ -530,14 +539,14 @@ def _no_note(service: str, started: float, failure: str | None) -> None:
     return None
 
 
-def _as_timeout(result: object, timeout: float) -> None:
-    """Turn whatever a timed-out call failed with into one ``defer.TimeoutError``.
+def _timed_out(timeout: float) -> Failure:
+    """What a call whose timer fired failed of: one ``defer.TimeoutError``.
 
-    Cancelling a request that is already on a connection fails it with
-    ``ResponseNeverReceived`` (wrapping the CancelledError), not with the
-    bare CancelledError ``addTimeout`` would convert by itself.
+    Whatever the cancelled call failed with is replaced: cancelling a request
+    that is already on a connection fails it with ``ResponseNeverReceived``
+    (wrapping the CancelledError), which would read as the client's leaving.
     """
-    raise defer.TimeoutError(f"no response headers within {timeout} s")
+    return Failure(defer.TimeoutError(f"no response headers within {timeout} s"))
 
 
 def _log_transition(service: str, old: str, new: str) -> None:

@@ -43,6 +43,7 @@ from deltagw.policy.rate_limits import RateLimits
 from deltagw.policy.route_access import Authenticator
 from deltagw.policy.token_verifiers import Identity
 from deltagw.routes import ROUTES, Route
+from deltagw.speedups import clean_fields
 from deltagw.upstream.client import Header
 from deltagw.upstream.forwarding import chained, forwarded_element, upstream_request_headers
 from deltagw.upstream.proxy import Proxy
@@ -89,9 +90,7 @@ def _filled_path(template: str, params: tuple[tuple[str, str], ...]) -> str:
 
 def set_rate_limit_fields(request: GatewayRequest | HeadRequest, decision: Decision) -> None:
     """Put a limiter's decision on the response (RateLimit and X-RateLimit-*)."""
-    set_raw = request.responseHeaders.setRawHeaders
-    for name, value in decision.headers():
-        set_raw(name, [value])
+    clean_fields.set_fields(request.responseHeaders, decision.headers())
 
 
 def _asked_origin(

@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import epollreactor, protocol, reactor, tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from deltagw.speedups import channel_clock, held_writes, turn_taking
+from deltagw.speedups import channel_clock, clean_fields, held_writes, turn_taking
 from deltagw.speedups.busy_poll import BusyPoll
 from deltagw.speedups.event_dispatch import EventDispatch
 from deltagw.web.site import GatewayChannel
@@ -237,6 +237,36 @@ def test_channel_clock_leaves_no_timeout_mixin_call() -> None:
 
 
 # ---------------------------------------------------------------------------
+# clean_fields: Headers' dict of values and Twisted's name encoder
+
+
+def test_clean_fields_finds_the_dict_set_raw_headers_fills() -> None:
+    """clean_fields stores a value where setRawHeaders would: ``_rawHeaders``,
+    keyed by what ``http_headers._nameEncoder.encode`` makes of the name,
+    holding a list of the values as given."""
+    from twisted.web import http_headers
+
+    headers = http_headers.Headers()
+    headers.setRawHeaders(b"x-ratelimit-limit", [b"100"])
+    raw = getattr(headers, "_rawHeaders", None)
+    encoder = getattr(http_headers, "_nameEncoder", None)
+    assert type(raw) is dict and callable(getattr(encoder, "encode", None)), (
+        "twisted.web.http_headers has no Headers._rawHeaders dict or _nameEncoder.encode "
+        "any more: deltagw/speedups/clean_fields.py relies on them"
+    )
+    assert raw == {encoder.encode(b"x-ratelimit-limit"): [b"100"]} == {
+        b"X-Ratelimit-Limit": [b"100"]
+    }, (
+        "Headers._rawHeaders no longer maps the encoded name to the list of values: "
+        "deltagw/speedups/clean_fields.py relies on it"
+    )
+    assert list(headers.getAllRawHeaders()) == list(raw.items()), (
+        "Headers.getAllRawHeaders no longer reads _rawHeaders: "
+        "deltagw/speedups/clean_fields.py relies on it"
+    )
+
+
+# ---------------------------------------------------------------------------
 # event_dispatch: the epoll reactor's poll and the log context stack
 
 
@@ -350,16 +380,19 @@ async def test_speedups_are_installed_only_when_asked(
     await response.content()
     kinds = {type(t) for t in transports}
     installed = [type(s).__name__ for s in gateway.service
-                 if isinstance(s, (BusyPoll, held_writes.HeldWrites, EventDispatch))]
+                 if isinstance(s, (BusyPoll, held_writes.HeldWrites, EventDispatch,
+                                   clean_fields.CleanFields))]
     if speedups == "0":
         assert kinds == {tcp.Server, tcp.Client}, kinds
         assert gateway.service.site.protocol is GatewayChannel
         assert installed == [] and gateway.service.busy_poll is None
         assert not held_writes.installed() and held_writes._before_sleeping is None
+        assert not clean_fields.installed()
         assert "doIteration" not in vars(reactor)
     else:
         assert kinds == {held_writes._HoldingServer, held_writes._HoldingClient}, kinds
         assert issubclass(gateway.service.site.protocol, channel_clock.OneReactorCall)
-        assert sorted(installed) == ["BusyPoll", "EventDispatch", "HeldWrites"]
+        assert sorted(installed) == ["BusyPoll", "CleanFields", "EventDispatch", "HeldWrites"]
+        assert clean_fields.installed()
         assert "doIteration" in vars(reactor)
         assert held_writes.installed() and held_writes._before_sleeping is not None

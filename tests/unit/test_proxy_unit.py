@@ -14,6 +14,7 @@ from twisted.web.http_headers import Headers
 from deltagw.errors import UpstreamUnavailable
 from deltagw.routes import STORAGE
 from deltagw.upstream.body import BodyInterrupted
+from deltagw.upstream.client import NoResponse
 from deltagw.upstream.failures import failure_reason
 from deltagw.upstream.proxy import ClientTooSlow, Proxy, _BodyRelay
 
@@ -71,16 +72,33 @@ class FakeTransport:
         self.calls.append("stop")
 
 
-def test_header_timeout_cancels_and_answers_503():
-    """No response headers within the service timeout: the call is cancelled and becomes a 503."""
-    clock = Clock()
-    client = HangingClient()
-    request = FakeRequest()
-    d = defer.ensureDeferred(
-        Proxy(clock, client).forward(
-            request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream
-        )
+def _forward(proxy: Proxy, request: FakeRequest) -> defer.Deferred:
+    """``request`` forwarded to the storage service, with a 10 s timeout."""
+    return defer.ensureDeferred(
+        proxy.forward(request, STORAGE, "http://s/products", Headers(), 10, request.note_upstream)
     )
+
+
+class AbortingClient(HangingClient):
+    """Cancelling fails the call as the forward client does once a request is
+    on a connection: `NoResponse`, its reason the CancelledError."""
+
+    def request(self, *args, **kwargs):
+        def cancel(d):
+            self.cancelled += 1
+            d.errback(NoResponse([Failure(defer.CancelledError())]))
+
+        return defer.Deferred(cancel)
+
+
+@pytest.mark.parametrize("client_kind", [HangingClient, AbortingClient])
+def test_header_timeout_cancels_and_answers_503(client_kind):
+    """No response headers within the service timeout: the call is cancelled and becomes a 503,
+    whatever the cancelled call failed with (not taken for a client that left)."""
+    clock = Clock()
+    client = client_kind()
+    request = FakeRequest()
+    d = _forward(Proxy(clock, client), request)
     clock.advance(9.999)
     assert not d.called and client.cancelled == 0
     clock.advance(0.001)
@@ -91,6 +109,20 @@ def test_header_timeout_cancels_and_answers_503():
     assert failure.value.message == "Storage service unavailable"
     assert client.cancelled == 1
     assert request.upstream_notes == ["timeout"]
+
+
+def test_a_client_that_leaves_cancels_the_header_timer():
+    """Cancelled before its headers (the client left): no timer is left behind,
+    and nothing is noted against the upstream."""
+    clock = Clock()
+    client = AbortingClient()
+    request = FakeRequest()
+    proxy = Proxy(clock, client)
+    d = _forward(proxy, request)
+    d.cancel()
+    assert isinstance(_failure_of(d).value, defer.CancelledError)
+    assert not clock.getDelayedCalls()
+    assert client.cancelled == 1 and request.upstream_notes == []
 
 
 def test_body_gap_longer_than_timeout_stops_relay():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,10 +11,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from deltagw.policy.buckets import (
     BUCKET_SCRIPT,
     BUCKET_SCRIPT_SHA,
+    GRACE,
     Decision,
     RedisError,
     TokenBucketLimiter,
     _command,
+    _decision,
     _Incomplete,
     _parse_reply,
 )
@@ -115,6 +118,47 @@ class TokenBucketTests(SynchronousTestCase):
                 TokenBucketLimiter(self.clock, **kwargs)  # type: ignore[arg-type]
 
 
+def reference_consume(
+    buckets: dict[str, float], now: float, key: str, capacity: int, window: float, policy: str
+) -> Decision:
+    """The bucket arithmetic of `TokenBucketLimiter.consume` spelled out, with no
+    shortcut for a full bucket: what the limiter's answers must equal."""
+    interval = window / capacity
+    full_at = max(buckets.get(key, now), now)
+    tokens = capacity - (full_at - now) / interval
+    allowed = tokens >= 1 - GRACE / interval
+    if allowed:
+        tokens -= 1
+        full_at += interval
+    buckets[key] = full_at
+    return _decision(allowed, tokens, capacity, window, policy)
+
+
+class FullBucketTests(SynchronousTestCase):
+    """A full bucket's answer is given without the arithmetic, and is the same answer."""
+
+    def test_answers_equal_the_arithmetic(self) -> None:
+        """Bursts, pauses and refills over several budgets, compared answer by answer."""
+        rng = random.Random(15)
+        for capacity, window in [(100, 60), (1, 1), (7, 0.3), (100_000_000, 1), (3, 3600)]:
+            clock = Clock()
+            clock.advance(1_700_000_000.3)
+            limiter = TokenBucketLimiter(clock, capacity=capacity, window=window, policy="p")
+            buckets: dict[str, float] = {}
+            for _ in range(2000):
+                clock.advance(rng.choice([0, 0, 0, window / capacity, window * rng.random()]))
+                key = rng.choice(["alice", "bob"])
+                now = clock.seconds() - limiter._epoch
+                expected = reference_consume(buckets, now, key, capacity, window, "p")
+                decision = limiter.consume(key)
+                self.assertEqual(decision, expected)
+                self.assertEqual(decision.headers(), expected.headers())
+
+    def test_first_request_of_a_client(self) -> None:
+        limiter = TokenBucketLimiter(Clock(), capacity=100, window=60)
+        self.assertEqual(limiter.consume("alice"), Decision(True, 100, 99, 0.6, 0, 60))
+
+
 class HeaderTests(SynchronousTestCase):
     """The response fields rendered from a decision."""
 
@@ -125,7 +169,7 @@ class HeaderTests(SynchronousTestCase):
         drain(limiter, "alice", 49)
         headers = limiter.consume("alice").headers()
         self.assertEqual(
-            headers,
+            list(headers),
             [
                 (b"RateLimit-Policy", b'"default";q=100;w=60'),
                 (b"RateLimit", b'"default";r=50;t=30'),

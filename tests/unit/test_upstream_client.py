@@ -27,6 +27,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from deltagw.upstream import client
 from deltagw.upstream.client import (
     MAX_HEAD_BYTES,
     MAX_INTERIM_RESPONSES,
@@ -35,6 +36,7 @@ from deltagw.upstream.client import (
     NoResponse,
     ResponseBroken,
     UpstreamResponse,
+    _parse_head,
 )
 from deltagw.upstream.failures import failure_reason, is_connection_failure
 from tests.support import BodyReader, read_body
@@ -380,6 +382,22 @@ def test_invalid_head_fails_with_parse_error_and_aborts(net, head):
     _assert_parse_error(_failure_of(d))
     assert net.transport.aborted
     assert net.pool.idle_count == 0
+
+
+def test_a_name_seen_before_still_needs_its_colon():
+    """Remembering a valid field name does not vouch for a line that is only that name."""
+    assert _parse_head(b"HTTP/1.1 200 OK\r\nKnown-Name: 1", b"GET")[2] == [(b"Known-Name", b"1")]
+    with pytest.raises(InvalidResponse, match="invalid header line"):
+        _parse_head(b"HTTP/1.1 200 OK\r\nKnown-Name", b"GET")
+
+
+def test_names_remembered_are_bounded(monkeypatch):
+    """An upstream that sends a new name each time does not grow the table without end."""
+    monkeypatch.setattr(client, "_LOWER_NAMES", {})
+    for i in range(client._MAX_LOWER_NAMES + 10):
+        head = b"HTTP/1.1 200 OK\r\nX-Name-%d: v" % i
+        assert _parse_head(head, b"GET")[2] == [(b"X-Name-%d" % i, b"v")]
+    assert len(client._LOWER_NAMES) == client._MAX_LOWER_NAMES
 
 
 def test_head_larger_than_limit_without_end_fails(net):
