@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -94,15 +93,17 @@ def set_rate_limit_fields(request: GatewayRequest | HeadRequest, decision: Decis
 
 
 def _asked_origin(
-    headers: Headers, seen_proto: bytes, seen_host: bytes, believed: bool
+    request: GatewayRequest | HeadRequest, seen_proto: bytes, seen_host: bytes, believed: bool
 ) -> tuple[bytes, bytes]:
     """The scheme and host the client asked for: as seen, or as a trusted proxy
     says (a host only if it is a valid one)."""
     if not believed:
         return seen_proto, seen_host
-    proto = headers.getRawHeaders(b"x-forwarded-proto", [seen_proto])[-1]
-    forwarded_host = headers.getRawHeaders(b"x-forwarded-host", [seen_host])[-1]
-    return proto, forwarded_host if is_host(forwarded_host) else seen_host
+    proto = request.getHeader(b"x-forwarded-proto")
+    forwarded_host = request.getHeader(b"x-forwarded-host")
+    if forwarded_host is None or not is_host(forwarded_host):
+        forwarded_host = seen_host
+    return seen_proto if proto is None else proto, forwarded_host
 
 
 class Gateway:
@@ -172,7 +173,7 @@ class Gateway:
             )
         if route.service is None:
             return self._local[route.name](request, identity)
-        url = self.upstream_url(route, request, params)
+        url = self.upstream_url(route, request.uri, params)
         headers = self.upstream_headers(request, route, identity)
         timeout = self.settings.upstream_timeout(route.service.name)
         if self.cache is not None and request.method in ANSWERED_METHODS:
@@ -246,16 +247,14 @@ class Gateway:
             added=added,
         )
 
-    def upstream_url(
-        self, route: Route, request: GatewayRequest | HeadRequest, params: dict[str, str]
-    ) -> str:
-        """The URL ``request`` is forwarded to, with its query.
+    def upstream_url(self, route: Route, target: bytes, params: dict[str, str]) -> str:
+        """The URL a request for ``target`` is forwarded to, with its query.
 
         Raises:
             BadRequest: a path parameter that could climb or split the upstream path.
         """
         url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
-        _, question, query = request.uri.partition(b"?")
+        _, question, query = target.partition(b"?")
         if question and query:
             url += "?" + query.decode("ascii")
         return url
@@ -268,7 +267,7 @@ class Gateway:
         """
         peer = getattr(request.getClientAddress(), "host", "-")
         proto, host = _asked_origin(
-            request.requestHeaders,
+            request,
             b"https" if request.isSecure() else b"http",
             request.getHeader(b"host") or b"",
             is_trusted_peer(peer, self.settings.trusted_proxies),
@@ -287,7 +286,7 @@ class Gateway:
         headers = request.requestHeaders
         seen_proto = b"https" if request.isSecure() else b"http"
         seen_host = request.getHeader(b"host") or b""
-        proto, host = _asked_origin(headers, seen_proto, seen_host, believed)
+        proto, host = _asked_origin(request, seen_proto, seen_host, believed)
         this_hop = forwarded_element(peer, seen_proto, seen_host)
         fields = [
             (
@@ -367,9 +366,9 @@ class Gateway:
         if found is None or found[0].service is None:
             raise NotFound("The path names no cached route")
         route, params = found
-        url = self.settings.upstream_url(route.service.name) + upstream_path(route, params)
-        if question and (query or prefix):
-            url += "?" + query.decode("ascii")
+        url = self.upstream_url(route, public + b"?" + query if query else public, params)
+        if question and prefix and not query:
+            url += "?"
         return url.encode("ascii"), prefix
 
     def preflight(self, request: GatewayRequest, template: str, methods: list[str]) -> bytes:

@@ -85,6 +85,13 @@ class _FieldsWhenRead(Sequence[Header]):
         return iter(self._fields())
 
 
+def _traced(request: HeadRequest) -> HeadRequest:
+    """``request`` with its trace context, set once (first thing, as the edge sets it)."""
+    if request.trace is None:
+        continue_trace(request)
+    return request
+
+
 class EarlyHits:
     """Answers fresh cache hits at their head, for one `Gateway`.
 
@@ -117,6 +124,7 @@ class EarlyHits:
             or method not in _ANSWERED_METHODS
             or not target.startswith(b"/")
             or b"%" in target
+            or self._cache.is_empty()
             or self._tracker.draining
         ):
             return False
@@ -137,18 +145,17 @@ class EarlyHits:
             or gateway.authenticator.policy(route) == REQUIRED
         ):
             return False
+        try:
+            url = gateway.upstream_url(route, target, params)
+        except BadRequest:
+            return False
         request = HeadRequest(
             channel, method, target, fields, self._reactor.seconds(),
             self._settings.trusted_proxies,
         )
-        continue_trace(request)
-        try:
-            url = gateway.upstream_url(route, request, params)
-        except BadRequest:
-            return False
         stored = self._cache.fresh_answer(
             request, url, gateway.asked_origin(request),
-            _FieldsWhenRead(lambda: gateway.upstream_headers(request, route, None)),
+            _FieldsWhenRead(lambda: gateway.upstream_headers(_traced(request), route, None)),
         )
         if stored is None:
             return False
@@ -156,7 +163,7 @@ class EarlyHits:
             decision = gateway.limits.check_at_once(route, request.client_address)
         except NotAtOnce:
             return False
-        self._answer(request, route, decision, *stored)
+        self._answer(_traced(request), route, decision, *stored)
         return True
 
     def _answer(

@@ -3,11 +3,14 @@
 It has the attributes and methods of `deltagw.web.site.GatewayRequest`
 that the edge, the gateway's upstream fields and the cache read and write,
 set the way that request sets them, so the same functions fill in both
-(`deltagw.web.early_hits`).
+(`deltagw.web.early_hits`). Most requests offered turn out not to be
+hits, so what only an answer needs (the request fields as a `Headers`,
+the request id, the client address) is made when first read.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from twisted.web.http import RESPONSES
@@ -45,10 +48,6 @@ class HeadRequest:
         self.uri = target
         self.path = target.split(b"?", 1)[0]
         self.started = started
-        headers = Headers()
-        for name, value in fields:
-            headers.addRawHeader(name, value)
-        self.requestHeaders = headers
         self.responseHeaders = ResponseFields()
         self.code = 200
         self.code_message = b"OK"
@@ -57,17 +56,37 @@ class HeadRequest:
         self.trace: TraceContext | None = None
         self.log_fields: dict[str, Any] = {}
         self.body: list[bytes] = []
+        self._fields = fields
+        self._trusted_proxies = trusted_proxies
         self._peer = channel.getPeer()
-        self.request_id = request_id(self.getHeader(b"x-request-id"))
-        self.client_address = client_address(
+
+    @cached_property
+    def requestHeaders(self) -> Headers:  # noqa: N802 (twisted.web's name)
+        headers = Headers()
+        for name, value in self._fields:
+            headers.addRawHeader(name, value)
+        return headers
+
+    @cached_property
+    def request_id(self) -> bytes:
+        return request_id(self.getHeader(b"x-request-id"))
+
+    @cached_property
+    def client_address(self) -> str:
+        return client_address(
             getattr(self._peer, "host", "-"),
-            headers.getRawHeaders(b"x-forwarded-for", []),
-            trusted_proxies,
+            self.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+            self._trusted_proxies,
         )
 
-    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 (twisted.web's name)
-        values = self.requestHeaders.getRawHeaders(name)
-        return None if values is None else values[-1]
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
+        """The value of the last field line named ``name``, as twisted.web's ``getHeader``."""
+        wanted = name.lower()
+        found = None
+        for field_name, value in self._fields:
+            if field_name.lower() == wanted:
+                found = value
+        return found
 
     def setHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802
         self.responseHeaders.setRawHeaders(name, [value])

@@ -215,6 +215,10 @@ class SharedCache:
         why = _why_forwarded(key in self._store, stored is not None, asked)
         await self._forward_upstream(request, route, key, url, headers, timeout, why, shared)
 
+    def is_empty(self) -> bool:
+        """Whether nothing is stored: no request can be answered from the store."""
+        return self._store.entries == 0
+
     def fresh_answer(
         self, request: HeadRequest, url: str, origin: bytes, headers: Sequence[Header]
     ) -> tuple[StoredResponse, CacheStatus] | None:
