@@ -10,7 +10,6 @@ the request id, the client address) is made when first read.
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 from twisted.web.http import RESPONSES
@@ -59,25 +58,38 @@ class HeadRequest:
         self._fields = fields
         self._trusted_proxies = trusted_proxies
         self._peer = channel.getPeer()
+        self._headers: Headers | None = None
+        self._request_id: bytes | None = None
+        self._client_address: str | None = None
 
-    @cached_property
+    @property
     def requestHeaders(self) -> Headers:  # noqa: N802 (twisted.web's name)
-        headers = Headers()
-        for name, value in self._fields:
-            headers.addRawHeader(name, value)
+        # Properties rather than functools.cached_property, which takes a
+        # lock on Python 3.11.
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            for name, value in self._fields:
+                headers.addRawHeader(name, value)
         return headers
 
-    @cached_property
+    @property
     def request_id(self) -> bytes:
-        return request_id(self.getHeader(b"x-request-id"))
+        made = self._request_id
+        if made is None:
+            made = self._request_id = request_id(self.getHeader(b"x-request-id"))
+        return made
 
-    @cached_property
+    @property
     def client_address(self) -> str:
-        return client_address(
-            getattr(self._peer, "host", "-"),
-            self.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
-            self._trusted_proxies,
-        )
+        found = self._client_address
+        if found is None:
+            found = self._client_address = client_address(
+                getattr(self._peer, "host", "-"),
+                self.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+                self._trusted_proxies,
+            )
+        return found
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
         """The value of the last field line named ``name``, as twisted.web's ``getHeader``."""
