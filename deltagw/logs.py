@@ -35,8 +35,8 @@ _this_second: tuple[int, str] = (-1, "")
 def _timestamp(seconds: float) -> str:
     """``seconds`` as ``isoformat(timespec="milliseconds")`` in UTC writes it.
 
-    The date and time of day are formatted once a second, not for each of a
-    request's two log events.
+    The date and time of day are formatted once a second, not for each
+    request's line.
     """
     global _this_second
     second = int(seconds)
@@ -75,6 +75,12 @@ def set_least_level(name: str) -> None:
     _least_level = LEVELS[name]
 
 
+def is_written(level: str) -> bool:
+    """Whether a line of ``level`` would be written: asked before making a
+    line's fields costs anything, for a level most deployments leave out."""
+    return LEVELS[level] >= _least_level
+
+
 def _add_level_and_timestamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     level = event.setdefault("level", _LEVEL_OF_METHOD.get(method, method))
     if LEVELS.get(level, 20) < _least_level:
@@ -90,7 +96,7 @@ class _Publisher:
 
     Events go straight to the ``twisted.logger`` publisher, in the shape
     ``twisted.python.log`` would give them, without that legacy module's
-    lock, context copy and conversion (two events per request; see
+    lock, context copy and conversion (an event for every request; see
     ``make bench``). Every observer still sees every event.
     """
 
@@ -144,8 +150,8 @@ def get_logger(**initial: Any) -> Any:
 class LineLogger:
     """Writes the line `configure_structlog`'s chain writes, without structlog's machinery.
 
-    For the events written for every request (``incoming_request``,
-    ``outgoing_response``): structlog's bound logger copies its context,
+    For the events written for every request (``outgoing_response``, and
+    ``incoming_request`` under LOG_LEVEL=debug): structlog's bound logger copies its context,
     runs each processor in turn and checks what the last one returned,
     which cost more than rendering the line itself (``make bench``). The
     fields come out in the same order as structlog's (bound fields, the
@@ -195,8 +201,8 @@ class JSONLinesObserver:
 
     Lines go out in batches of whole lines, when a batch is full and from
     `flush_all` (every FLUSH_INTERVAL while serving, and at exit): a write
-    and a flush per line were two system calls per request for the two
-    access log events (``make bench``).
+    and a flush per line were two system calls for every request's access
+    line (``make bench``).
     """
 
     def __init__(self, stream: IO[str]) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.resource import IResource, Resource
 
 from deltagw.errors import BadRequest, GatewayError, write_error
-from deltagw.logs import LineLogger
+from deltagw.logs import LineLogger, is_written
 from deltagw.speedups import held_writes
 from deltagw.web.cors import CorsPolicy
 from deltagw.web.request_identity import trace_context
@@ -72,22 +72,28 @@ def continue_trace(request: GatewayRequest | HeadRequest) -> None:
 
 
 def start_answer(request: GatewayRequest | HeadRequest, reactor: Any, cors: CorsPolicy) -> None:
-    """What every answer begins with: its request id, its ``incoming_request`` line, CORS.
+    """What every answer begins with: its request id, CORS, and under LOG_LEVEL=debug
+    an ``incoming_request`` line.
 
     Both ways a request is answered begin here: through twisted.web
-    (`EdgeResource`) and at its head (`deltagw.web.early_hits`).
+    (`EdgeResource`) and at its head (`deltagw.web.early_hits`). A request's
+    one line at info is its access log line, written when it is answered,
+    as nginx, Envoy and HAProxy log; the line at its start is for finding a
+    request that never finished, and costs as much again as the access line.
     """
     request.setHeader(b"X-Request-ID", request.request_id)
-    held_writes.after_sending(
-        reactor,
-        _log.msg,
-        "incoming_request",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
-        request_id=request.request_id.decode("ascii"),
-        client=request.client_address,
-        trace_id=request.log_fields["trace_id"],
-    )
+    if is_written("debug"):
+        held_writes.after_sending(
+            reactor,
+            _log.msg,
+            "incoming_request",
+            level="debug",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            request_id=request.request_id.decode("ascii"),
+            client=request.client_address,
+            trace_id=request.log_fields["trace_id"],
+        )
     cors.apply(request)
 
 

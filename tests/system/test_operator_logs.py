@@ -38,7 +38,8 @@ async def test_logfile_is_honoured(tmp_path: Path):
     finally:
         assert await daemon.stop() == 0
     events = parse_json_lines([line for line in logfile.read_text().splitlines() if line])
-    assert [e["path"] for e in events if e.get("event") == "outgoing_response"] == ["/health"]
+    assert [(e["event"], e["path"]) for e in events if "path" in e] == [
+        ("outgoing_response", "/health")]
     assert daemon.lines() == []
 
 
@@ -88,6 +89,28 @@ async def test_levels_by_outcome_and_log_level():
         ("/api/data/products", 503, "upstream_refused", "warning"),
     ]
     assert all(e["level"] in ("warning", "error", "critical") for e in events), events
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_level_debug_adds_a_line_when_each_request_arrives():
+    """LOG_LEVEL=debug: each request's incoming_request line, then its access line."""
+    daemon = Twistd.plugin(env={"LOG_LEVEL": "debug"})
+    try:
+        port = await daemon.port()
+        for path in ("/health", "/nowhere"):
+            response = await treq.get(f"http://127.0.0.1:{port}{path}")
+            await response.content()
+        await wait_until(lambda: daemon.output().count("outgoing_response") == 2)
+    finally:
+        assert await daemon.stop() == 0
+    events = [e for e in parse_json_lines(daemon.lines())
+              if e.get("event") in ("incoming_request", "outgoing_response")]
+    assert [(e["event"], e["path"], e["level"]) for e in events] == [
+        ("incoming_request", "/health", "debug"), ("outgoing_response", "/health", "info"),
+        ("incoming_request", "/nowhere", "debug"), ("outgoing_response", "/nowhere", "info"),
+    ]
+    assert events[0]["request_id"] == events[1]["request_id"] != events[2]["request_id"]
+    assert events[2]["request_id"] == events[3]["request_id"]
 
 
 def _free_port() -> int:
