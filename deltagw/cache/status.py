@@ -15,6 +15,7 @@ the gateway describes an answer, so the header and the log never disagree.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,22 +116,29 @@ class CacheStatus:
             ``cache_name`` and its parameters in the order RFC 9211 defines
             them; true Booleans as bare keys (RFC 8941 §4.1.1.2).
         """
-        parts = [cache_name]
-        if self.forward is None:
-            parts.append("hit")
-        else:
-            parts.append(f"fwd={self.forward.value}")
-            if self.forward_status is not None:
-                parts.append(f"fwd-status={self.forward_status}")
-        if self.ttl is not None:
-            parts.append(f"ttl={self.ttl}")
-        if self.stored:
-            parts.append("stored")
-        if self.collapsed:
-            parts.append("collapsed")
-        if self.detail is not None:
-            parts.append(f"detail={self.detail}")
-        return "; ".join(parts).encode("ascii")
+        return _list_member(self, cache_name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _list_member(status: CacheStatus, cache_name: str) -> bytes:
+    """`CacheStatus.header_value`, written once for each status: the answers
+    of one second share a handful."""
+    parts = [cache_name]
+    if status.forward is None:
+        parts.append("hit")
+    else:
+        parts.append(f"fwd={status.forward.value}")
+        if status.forward_status is not None:
+            parts.append(f"fwd-status={status.forward_status}")
+    if status.ttl is not None:
+        parts.append(f"ttl={status.ttl}")
+    if status.stored:
+        parts.append("stored")
+    if status.collapsed:
+        parts.append("collapsed")
+    if status.detail is not None:
+        parts.append(f"detail={status.detail}")
+    return "; ".join(parts).encode("ascii")
 
 
 def ttl_seconds(remaining: float) -> int:
@@ -156,8 +164,14 @@ def hit(remaining: float | None = None) -> CacheStatus:
     """
     if remaining is None:
         return CacheStatus(CacheOutcome.HIT)
-    outcome = CacheOutcome.HIT if remaining > 0 else CacheOutcome.STALE
-    return CacheStatus(outcome, ttl=ttl_seconds(remaining))
+    return _answer_from_store(remaining > 0, ttl_seconds(remaining))
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_from_store(fresh: bool, ttl: int) -> CacheStatus:
+    """`hit`'s status, made once for each ttl: a hot key's hits within a
+    second share one (a `CacheStatus` cannot be changed)."""
+    return CacheStatus(CacheOutcome.HIT if fresh else CacheOutcome.STALE, ttl=ttl)
 
 
 def forwarded(

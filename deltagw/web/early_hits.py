@@ -34,8 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from twisted.web.http import datetimeToString
-
 from deltagw.cache.status import CacheStatus
 from deltagw.cache.store import StoredResponse
 from deltagw.errors import BadRequest
@@ -48,6 +46,7 @@ from deltagw.web.application import ROUTE_INDEX, Gateway, set_rate_limit_fields
 from deltagw.web.before_routing import continue_trace, start_answer
 from deltagw.web.head_request import HeadRequest
 from deltagw.web.request_tracker import RequestTracker
+from deltagw.web.response_fields import http_date
 from deltagw.web.shared_cache import SharedCache
 from deltagw.web.site import GatewayChannel
 
@@ -175,7 +174,7 @@ class EarlyHits:
         server_field = self._settings.server_field
         if server_field is not None:
             fields.setRawHeaders(b"Server", [server_field])
-        fields.setRawHeaders(b"Date", [datetimeToString()])
+        fields.setRawHeaders(b"Date", [http_date(self._reactor.seconds())])
         start_answer(request, self._reactor, self._gateway.cors)
         request.route = route.template
         if decision is not None:

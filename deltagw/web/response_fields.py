@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
 _T = TypeVar("_T")
@@ -24,6 +25,17 @@ _MAX_SPELLINGS = 10_000
 """Field names whose spelling is remembered (twisted.web bounds its own the same way)."""
 
 _spellings: dict[bytes, bytes] = {}
+
+_date_of_second: tuple[int, bytes] = (-1, b"")
+
+
+def http_date(seconds: float) -> bytes:
+    """The Date field twisted.web writes at ``seconds``, asked of it once a second."""
+    global _date_of_second
+    second = int(seconds)
+    if second != _date_of_second[0]:
+        _date_of_second = (second, datetimeToString(second))
+    return _date_of_second[1]
 
 
 def canonical_name(name: bytes) -> bytes:

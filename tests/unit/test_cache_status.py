@@ -43,6 +43,14 @@ class CacheStatusTests(SynchronousTestCase):
         self.assertEqual(status.outcome, CacheOutcome.STALE)
         self.assertEqual(hit(0.0).outcome, CacheOutcome.STALE)
 
+    def test_hits_of_one_second_share_a_status_but_not_across_the_fresh_line(self) -> None:
+        """ttl=0 is fresh just before the lifetime ends and stale at its end, though
+        both are remembered under the same ttl."""
+        self.assertIs(hit(42.9), hit(42.1))
+        self.assertEqual((hit(0.5).outcome, hit(0.5).ttl), (CacheOutcome.HIT, 0))
+        self.assertEqual((hit(0.0).outcome, hit(0.0).ttl), (CacheOutcome.STALE, 0))
+        self.assertEqual(hit(0.0).header_value(), b"deltagw; hit; ttl=0")
+
     def test_miss_stored(self) -> None:
         """RFC 9211 §2.2, §2.5: forwarded for want of a stored response, and stored."""
         self.assertEqual(forwarded(Forward.MISS, stored=True).header_value(),

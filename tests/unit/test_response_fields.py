@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
-from deltagw.web.response_fields import ResponseFields, canonical_name
+from deltagw.web.response_fields import ResponseFields, canonical_name, http_date
 
 _NAMES = [b"Date", b"date", b"DATE", b"Vary", b"vary", b"ETag", b"etag", b"X-Request-ID",
           b"x-request-id", b"Content-MD5", b"www-authenticate", b"RateLimit-Policy",
@@ -51,3 +51,11 @@ def test_the_same_calls_give_the_bytes_twisted_web_writes(calls):
 def test_a_name_is_spelled_as_twisted_web_spells_it():
     assert [canonical_name(n) for n in (b"x-request-id", b"etag", b"WWW-AUTHENTICATE")] == [
         b"X-Request-Id", b"ETag", b"WWW-Authenticate"]
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), min_size=1, max_size=10))
+def test_http_date_is_twisted_webs_date_of_that_second(moments):
+    """The once-a-second Date is twisted.web's own, also when the second goes back."""
+    for moment in moments:
+        assert http_date(moment) == datetimeToString(int(moment))
