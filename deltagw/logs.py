@@ -101,16 +101,17 @@ class _Publisher:
     """
 
     def msg(self, *message: Any, **fields: Any) -> None:
-        _publish(message, fields, LogLevel.info, 0)
+        _publish(message, fields, LogLevel.info, 0, time.time())
 
     def err(self, _stuff: Any = None, _why: Any = None, **fields: Any) -> None:
         # structlog's JSONRenderer has already rendered any failure into the line.
-        _publish((repr(_stuff),), fields, LogLevel.critical, 1)
+        _publish((repr(_stuff),), fields, LogLevel.critical, 1, time.time())
 
 
-def _publish(message: tuple[Any, ...], fields: dict[str, Any], level: LogLevel, error: int) -> None:
-    now = time.time()
-    event = {
+def _publish(
+    message: tuple[Any, ...], fields: dict[str, Any], level: LogLevel, error: int, now: float
+) -> None:
+    globalLogPublisher({
         "message": message,
         "time": now,
         "log_time": now,
@@ -121,9 +122,8 @@ def _publish(message: tuple[Any, ...], fields: dict[str, Any], level: LogLevel, 
         "log_namespace": "deltagw",
         "log_format": "{log_text}",
         "log_text": message[0] if message else "",
-    }
-    event.update(fields)
-    globalLogPublisher(event)
+        **fields,
+    })
 
 
 _PUBLISHER = _Publisher()
@@ -167,15 +167,16 @@ class LineLogger:
 
     def msg(self, event: str, **fields: Any) -> None:
         """Log ``event`` (a name, never a failure) with ``fields`` at their ``level`` (info)."""
-        document = self._initial.copy()
-        document.update(fields)
+        document = {**self._initial, **fields}
         if LEVELS.get(document.setdefault("level", "info"), 20) < _least_level:
             return
-        document["timestamp"] = _now()
+        now = time.time()
+        document["timestamp"] = _timestamp(now)
         for key, value in _every_line.items():
             document.setdefault(key, value)
         document["event"] = event
-        _publish((structlog.twisted.ReprWrapper(_dumps(document)),), _RENDERED, LogLevel.info, 0)
+        line = orjson.dumps(document, default=str).decode("utf-8")
+        _publish((structlog.twisted.ReprWrapper(line),), _RENDERED, LogLevel.info, 0, now)
 
 
 _RENDERED = {"_structlog": True}

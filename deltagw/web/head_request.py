@@ -10,13 +10,50 @@ the request id, the client address) is made when first read.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 from twisted.web.http import RESPONSES
-from twisted.web.http_headers import Headers
 
 from deltagw.web.request_identity import TraceContext, client_address, request_id
-from deltagw.web.response_fields import ResponseFields
+from deltagw.web.response_fields import ResponseFields, canonical_name
+
+_T = TypeVar("_T")
+
+
+class RequestFields:
+    """The reading half of twisted.web's `Headers`, over the fields the framer read.
+
+    Lines are kept under twisted.web's spelling of their name
+    (`canonical_name`), in the order each name first appeared, as a
+    `Headers` filled by ``addRawHeader`` keeps them, without its
+    per-field encoding and checks: the framer has checked the names and
+    values already. Only reads are offered: nothing changes a request's fields.
+    """
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        lines: dict[bytes, list[bytes]] = {}
+        for name, value in fields:
+            spelled = canonical_name(name)
+            found = lines.get(spelled)
+            if found is None:
+                lines[spelled] = [value]
+            else:
+                found.append(value)
+        self._lines = lines
+
+    def getRawHeaders(  # noqa: N802
+        self, name: bytes, default: _T | None = None
+    ) -> list[bytes] | _T | None:
+        return self._lines.get(canonical_name(name), default)
+
+    def hasHeader(self, name: bytes) -> bool:  # noqa: N802
+        return canonical_name(name) in self._lines
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:  # noqa: N802
+        return iter(self._lines.items())
 
 
 class HeadRequest:
@@ -58,19 +95,17 @@ class HeadRequest:
         self._fields = fields
         self._trusted_proxies = trusted_proxies
         self._peer = channel.getPeer()
-        self._headers: Headers | None = None
+        self._headers: RequestFields | None = None
         self._request_id: bytes | None = None
         self._client_address: str | None = None
 
     @property
-    def requestHeaders(self) -> Headers:  # noqa: N802 (twisted.web's name)
+    def requestHeaders(self) -> RequestFields:  # noqa: N802 (twisted.web's name)
         # Properties rather than functools.cached_property, which takes a
         # lock on Python 3.11.
         headers = self._headers
         if headers is None:
-            headers = self._headers = Headers()
-            for name, value in self._fields:
-                headers.addRawHeader(name, value)
+            headers = self._headers = RequestFields(self._fields)
         return headers
 
     @property

@@ -19,7 +19,6 @@ FIELDS: list[dict[str, Any]] = [
 
 def _published(monkeypatch: pytest.MonkeyPatch, log: Any, event: str, fields: dict) -> list:
     """The events ``log.msg(event, **fields)`` hands to Twisted's observers, times fixed."""
-    monkeypatch.setattr(logs, "_now", lambda: "2026-01-01T00:00:00.000+00:00")
     monkeypatch.setattr(logs.time, "time", lambda: 1.5)
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
