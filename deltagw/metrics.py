@@ -10,9 +10,10 @@ Each gateway owns a `Metrics` with its own ``CollectorRegistry`` (never
 prometheus_client's global one): tests and several gateways in one process
 (``--demo``) do not share or collide on counters.
 
-Labelled children are cached in plain dicts keyed by the label tuple, so a
-request costs one dict lookup per metric instead of prometheus_client's
-locked ``labels()`` call.
+The series every request updates are plain numbers (`deltagw.metric_series`),
+remembered by the raw values of a request, so a request costs a dict
+lookup and an addition per series instead of prometheus_client's locked
+``labels()`` and ``inc()``; the rarer ones are prometheus_client's own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     PlatformCollector,
     ProcessCollector,
@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 from deltagw import __version__
+from deltagw.metric_series import CountedSeries, TimedSeries, Timings
 from deltagw.routes import ROUTES, SERVICES, Route, Service
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -90,20 +91,22 @@ class Metrics:
         self._groups = frozenset(route.group for route in routes)
         self._services = frozenset(service.name for service in services)
 
-        self._requests = Counter(
+        self._requests = CountedSeries(
             "deltagw_http_requests", "Requests answered, by route template, method and status.",
-            ("route", "method", "status"), registry=self.registry,
+            ("route", "method", "status"),
         )
-        self._request_seconds = Histogram(
+        self._request_seconds = TimedSeries(
             "deltagw_http_request_duration_seconds",
             "Time from the request reaching the gateway to the end of its response.",
-            ("route",), buckets=REQUEST_BUCKETS, registry=self.registry,
+            ("route",), REQUEST_BUCKETS,
         )
-        self._upstream_seconds = Histogram(
+        self._upstream_seconds = TimedSeries(
             "deltagw_upstream_request_duration_seconds",
             "Time until an upstream's response headers arrived (or the call failed).",
-            ("service",), buckets=UPSTREAM_BUCKETS, registry=self.registry,
+            ("service",), UPSTREAM_BUCKETS,
         )
+        for series in (self._requests, self._request_seconds, self._upstream_seconds):
+            self.registry.register(series)
         self._upstream_failures = Counter(
             "deltagw_upstream_failures", "Upstream calls that failed, by service and reason.",
             ("service", "reason"), registry=self.registry,
@@ -134,17 +137,18 @@ class Metrics:
             registry=self.registry,
         )
         self._limiter_up.set(1)
-        self._cache_requests = Counter(
+        self._cache_requests = CountedSeries(
             "deltagw_cache_requests",
             "Requests of cached routes, by route template and cache result "
             "(hit, stale, miss, bypass).",
-            ("route", "result"), registry=self.registry,
+            ("route", "result"),
         )
+        self.registry.register(self._cache_requests)
         self._cache_state = _CacheCollector()
         self.registry.register(self._cache_state)
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._request_series: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-        self._cache_series: dict[tuple[str | None, str], Any] = {}
+        self._request_series: dict[tuple[Any, ...], tuple[list[float], Timings]] = {}
+        self._cache_series: dict[tuple[str | None, str], list[float]] = {}
         for name in sorted(self._services):
             self._child(self._circuit, name).set(0)
             self._child(self._in_flight, name).set(0)
@@ -185,12 +189,12 @@ class Metrics:
         if series is None:
             series = self._series_of_request(route, method, status)
         count, duration = series
-        count.inc()
+        count[0] += 1
         duration.observe(max(0.0, seconds))
 
     def _series_of_request(
         self, route: str | None, method: str | bytes, status: int
-    ) -> tuple[Any, Any]:
+    ) -> tuple[list[float], Timings]:
         """The count and duration series a request goes to, remembered by its raw values.
 
         Requests come with the same few (route, method, status) again and
@@ -200,8 +204,8 @@ class Metrics:
         route_label = self.route_label(route)
         status_label = str(status) if 100 <= status <= 599 else OTHER
         series = (
-            self._child(self._requests, route_label, self.method_label(method), status_label),
-            self._child(self._request_seconds, route_label),
+            self._requests.series(route_label, self.method_label(method), status_label),
+            self._request_seconds.series(route_label),
         )
         if len(self._request_series) < MAX_REMEMBERED_REQUESTS:
             self._request_series[route, method, status] = series
@@ -232,7 +236,7 @@ class Metrics:
             # already observed; shed and circuit_open made no call at all.
             seconds = None
         if seconds is not None:
-            self._child(self._upstream_seconds, label).observe(max(0.0, seconds))
+            self._upstream_seconds.series(label).observe(max(0.0, seconds))
         if failure_reason is not None:
             reason = failure_reason if _REASON.match(failure_reason) else OTHER
             self._child(self._upstream_failures, label, reason).inc()
@@ -241,10 +245,10 @@ class Metrics:
         """Count one request of a cached route by its result (``hit``, ``stale``, ...)."""
         series = self._cache_series.get((route, result))
         if series is None:
-            series = self._child(self._cache_requests, self.route_label(route), result)
+            series = self._cache_requests.series(self.route_label(route), result)
             if len(self._cache_series) < MAX_REMEMBERED_REQUESTS:
                 self._cache_series[route, result] = series
-        series.inc()
+        series[0] += 1
 
     def watch_cache(self, state: Callable[[], Any]) -> None:
         """Read the cache's size, evictions and coalesced waiters at scrape time.

@@ -14,7 +14,7 @@ import deltagw
 PACKAGE = Path(deltagw.__file__).parent
 
 SHARED = ("deltagw.config", "deltagw.routes", "deltagw.errors", "deltagw.logs",
-          "deltagw.metrics", "deltagw.http_syntax")
+          "deltagw.metrics", "deltagw.metric_series", "deltagw.http_syntax")
 """The foundations every layer stands on: they import no layer."""
 
 LAYERS = ("deltagw.web", "deltagw.upstream", "deltagw.policy", "deltagw.process",
