@@ -175,8 +175,8 @@ class LineLogger:
         for key, value in _every_line.items():
             document.setdefault(key, value)
         document["event"] = event
-        line = orjson.dumps(document, default=str).decode("utf-8")
-        _publish((structlog.twisted.ReprWrapper(line),), _RENDERED, LogLevel.info, 0, now)
+        _publish((structlog.twisted.ReprWrapper(_dumps(document)),), _RENDERED, LogLevel.info, 0,
+                 now)
 
 
 _RENDERED = {"_structlog": True}

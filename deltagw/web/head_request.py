@@ -4,8 +4,9 @@ It has the attributes and methods of `deltagw.web.site.GatewayRequest`
 that the edge, the gateway's upstream fields and the cache read and write,
 set the way that request sets them, so the same functions fill in both
 (`deltagw.web.early_hits`). Most requests offered turn out not to be
-hits, so what only an answer needs (the request fields as a `Headers`,
-the request id, the client address) is made when first read.
+hits, so what only an answer needs (the request fields read as a
+`Headers` reads them, `RequestFields`; the request id; the client
+address) is made when first read.
 """
 
 from __future__ import annotations
